@@ -1,0 +1,24 @@
+"""hae_fx: Hierarchical Adaptive Eviction for HF (multimodal) decoders, as a torch.compile transform.
+
+    import hae_fx
+    model = hae_fx.transform(model, hae_fx.HAEConfig(policy="streaming", capacity=64))
+    out = model.generate(**inputs, max_new_tokens=100, return_dict_in_generate=True)
+    out.past_key_values.nbytes     # fixed, whatever the prompt or generation length
+"""
+
+from hae_fx import ops  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
+from hae_fx.cache import HAECache
+from hae_fx.config import HAEConfig
+from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.transform import transform
+
+__all__ = [
+    "HAECache",
+    "HAECapacityError",
+    "HAEConfig",
+    "HAEConfigError",
+    "HAEError",
+    "HAESiteError",
+    "HAEUnsupportedModelError",
+    "transform",
+]

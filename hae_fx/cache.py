@@ -1,0 +1,286 @@
+"""`HAECache`: an HF `Cache` whose memory is fixed at construction, whatever the prompt or generation length.
+
+Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata because
+hae policies broadcast one index set to every layer:
+
+- `slot_pos [B, C]` int64: logical position of the token in each slot, -1 for a free slot;
+- `score [B, C]` float32: attention the slot received (mean over heads and layers, summed over steps);
+- `modality [B, C]` int8: `TEXT` or `VISUAL`;
+- `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position).
+
+Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
+read them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use
+to recognise cache tensors among a graph's inputs.
+
+The cache's `update` decides where new keys go (through the policy) and writes them with `hae::slot_write_`.
+It returns the fresh keys during prefill (prefill attends over the whole prompt, as HF does) and the slot
+buffers during decode, where the backend's passes rewrite the attention over them into `hae::slot_attention`.
+Driving it without those passes would be silently wrong, so it refuses to decode outside `torch.compile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from hae_fx import ops
+from hae_fx.config import HAEConfig
+from hae_fx.errors import HAECapacityError
+from hae_fx.policies import get_policy
+
+TEXT = 0
+VISUAL = 1
+
+
+@dataclass(frozen=True)
+class CacheRole:
+    """What a tensor is inside an `HAECache`: `kind` in `keys`, `values`, `slot_pos`, `score`, `modality`,
+    `seen`, `step_slot`, `prefill_keep`; `layer` for keys and values."""
+
+    kind: str
+    layer: int | None = None
+
+
+def role_of(tensor: object) -> CacheRole | None:
+    """The `CacheRole` of a tensor allocated by an `HAECache`, or None for any other object."""
+    return getattr(tensor, "_hae_role", None)
+
+
+def _static(tensor: torch.Tensor, role: CacheRole) -> torch.Tensor:
+    torch._dynamo.mark_static_address(tensor)
+    tensor._hae_role = role
+    return tensor
+
+
+class HAELayer(CacheLayerMixin):
+    """One decoder layer's K/V slots; the slot metadata lives on the owning `HAECache`."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: HAECache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("HAECache allocates its buffers up front; call HAECache.allocate(...) before use")
+
+    def allocate(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        capacity = self.cache.capacity
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = _static(torch.zeros(shape, dtype=dtype, device=device), CacheRole("keys", self.layer_idx))
+        self.values = _static(torch.zeros(shape, dtype=dtype, device=device), CacheRole("values", self.layer_idx))
+        self.dtype, self.device = dtype, device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.cache.write_layer(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Prefill attends over the fresh prompt keys; decode's mask is rebuilt by hae::slot_attention from
+        # slot_pos, so the size here only has to be well formed.
+        return (query_length, 0) if not self.cache.prefilled else (self.cache.capacity, 0)
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.cache.seen_max
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+
+class HAECache(Cache):
+    """Fixed-capacity, evicting KV cache driven by an `HAEConfig` policy.
+
+    Args:
+        config: the hae configuration (policy, capacity, sinks, window).
+        num_layers: decoder layers that read the cache.
+        batch: sequences per generate call; fixed for the life of the cache.
+        kv_heads, head_dim: attention geometry of the decoder.
+        dtype, device: of the K/V buffers (the metadata uses its own dtypes).
+    """
+
+    def __init__(self, config: HAEConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        layers = [HAELayer(self, i) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.config = config
+        self.policy = get_policy(config.policy)
+        self.capacity = config.capacity
+        self.batch = batch
+        device = torch.device(device)
+        for layer in layers:
+            layer.allocate(batch, kv_heads, head_dim, dtype, device)
+        long = dict(dtype=torch.int64, device=device)
+        self.slot_pos = _static(torch.full((batch, self.capacity), -1, **long), CacheRole("slot_pos"))
+        self.score = _static(torch.zeros(batch, self.capacity, dtype=torch.float32, device=device),
+                             CacheRole("score"))
+        self.modality = _static(torch.zeros(batch, self.capacity, dtype=torch.int8, device=device),
+                                CacheRole("modality"))
+        self.seen = _static(torch.zeros(batch, **long), CacheRole("seen"))
+        self.seen_max = _static(torch.zeros((), **long), CacheRole("seen_max"))
+        self.step_slot = _static(torch.zeros(batch, **long), CacheRole("step_slot"))
+        self.prefill_keep = _static(torch.zeros(batch, self.capacity, **long), CacheRole("prefill_keep"))
+        # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
+        self.prompt_pos: torch.Tensor | None = None
+        self.prompt_modality: torch.Tensor | None = None
+        self.prefilled = False
+        self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, config: HAEConfig, batch: int) -> HAECache:
+        """A cache shaped for `model`'s text decoder, on its device and in its dtype."""
+        from hae_fx.models import family_of
+
+        family = family_of(model)
+        kv_heads, head_dim = family.kv_geometry(model)
+        return cls(config, num_layers=family.num_layers(model), batch=batch, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=model.dtype, device=model.device)
+
+    # -- memory ------------------------------------------------------------------------------------------------
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
+        kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        meta = [self.slot_pos, self.score, self.modality, self.seen, self.seen_max, self.step_slot,
+                self.prefill_keep]
+        return kv + meta
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the cache allocated: fixed at construction."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes of the K/V buffers alone."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
+    # -- lifecycle (called eagerly, outside compiled graphs) ---------------------------------------------------
+    def begin_prefill(self, token_pos: torch.Tensor, modality: torch.Tensor | None = None) -> None:
+        """Stage the prompt's metadata for the compiled prefill.
+
+        Args:
+            token_pos: `[B, T]` logical position of each prompt token, -1 for padding.
+            modality: `[B, T]` `TEXT`/`VISUAL` per token; all text when None.
+        """
+        if self.prefilled:
+            raise HAECapacityError(
+                "this HAECache already holds a prompt; create a new cache (or call reset()) for a new prompt"
+            )
+        if token_pos.shape[0] != self.batch:
+            raise HAECapacityError(
+                f"batch mismatch: the HAECache was built for batch {self.batch} but the prompt has batch "
+                f"{token_pos.shape[0]}; build the cache with the prompt's batch size"
+            )
+        self.prompt_pos = token_pos.to(self.slot_pos.device, torch.int64)
+        if modality is None:
+            modality = torch.zeros_like(self.prompt_pos, dtype=torch.int8)
+        self.prompt_modality = modality.to(self.slot_pos.device, torch.int8)
+
+    def end_prefill(self) -> None:
+        self.prefilled = True
+        self.prompt_pos = self.prompt_modality = None
+        self.tokens_seen = int(self.seen_max)
+
+    def begin_decode_step(self) -> None:
+        """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
+        if not self.prefilled:
+            raise RuntimeError("HAECache: decode before prefill; the first forward must carry the whole prompt")
+        if not self.policy.evicts and self.tokens_seen >= self.capacity:
+            raise HAECapacityError(
+                f"policy 'full' cannot hold token {self.tokens_seen + 1}: capacity is {self.capacity}; raise "
+                "HAEConfig.capacity to cover prompt + max_new_tokens, or use an evicting policy"
+            )
+        self.tokens_seen += 1
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.keys.zero_()
+            layer.values.zero_()
+        self.slot_pos.fill_(-1)
+        for t in (self.score, self.modality, self.seen, self.seen_max, self.step_slot, self.prefill_keep):
+            t.zero_()
+        self.prefilled = False
+        self.tokens_seen = 0
+
+    # -- traced into the compiled graphs ----------------------------------------------------------------------
+    def write_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if not self.prefilled:
+            return self._prefill_write(layer_idx, key_states, value_states)
+        if key_states.shape[2] != 1:
+            raise HAECapacityError(
+                f"HAECache decodes one token per step, got {key_states.shape[2]}; multi-token steps (speculative or "
+                "chunked decoding) are not supported"
+            )
+        if not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "HAECache decode must run through hae_fx.transform (or torch.compile(backend='hae')): the attention "
+                "over its slots is rewritten by the hae passes"
+            )
+        return self._decode_write(layer_idx, key_states, value_states)
+
+    def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.prompt_pos is None:
+            raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
+        prompt_len = key_states.shape[2]
+        kept = min(prompt_len, self.capacity)
+        if layer_idx == 0:
+            self._plan_prefill(kept)
+        keep = self.prefill_keep[:, :kept]
+        gather_index = keep.view(self.batch, 1, kept, 1)
+        kept_keys = key_states.gather(2, gather_index.expand(-1, key_states.shape[1], -1, key_states.shape[3]))
+        kept_values = value_states.gather(
+            2, gather_index.expand(-1, value_states.shape[1], -1, value_states.shape[3]))
+        slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
+        layer = self.layers[layer_idx]
+        torch.ops.hae.slot_write_(layer.keys, layer.values, kept_keys, kept_values, slots)
+        return key_states, value_states
+
+    def _plan_prefill(self, kept: int) -> None:
+        """Choose the prompt tokens to keep (`prefill_keep`) and fill the slot metadata accordingly."""
+        token_pos = self.prompt_pos
+        priority = self.policy.prefill_priority(self.config, token_pos)
+        keep = priority.topk(kept, dim=-1).indices.sort(dim=-1).values
+        kept_pos = token_pos.gather(1, keep)
+        kept_valid = priority.gather(1, keep) > float("-inf")
+        self.prefill_keep[:, :kept].copy_(keep)
+        self.slot_pos.fill_(-1)
+        self.slot_pos[:, :kept].copy_(torch.where(kept_valid, kept_pos, -1))
+        self.modality.zero_()
+        self.modality[:, :kept].copy_(self.prompt_modality.gather(1, keep))
+        self.score.zero_()
+        seen = (token_pos.amax(dim=-1) + 1).clamp_min(0)
+        self.seen.copy_(seen)
+        self.seen_max.copy_(seen.amax())
+
+    def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if layer_idx == 0:
+            self._plan_decode_step()
+        layer = self.layers[layer_idx]
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, self.step_slot.view(-1, 1))
+        return layer.keys, layer.values
+
+    def _plan_decode_step(self) -> None:
+        """Choose each sequence's slot for the new token (a free one, else the policy's victim)."""
+        free = self.slot_pos < 0
+        first_free = free.to(torch.int8).argmax(dim=-1)
+        victim = self.policy.decode_victim(self.config, self.slot_pos)
+        slot = torch.where(free.any(dim=-1), first_free, victim)
+        self.step_slot.copy_(slot)
+        rows = torch.arange(self.batch, device=slot.device)
+        self.slot_pos.index_put_((rows, slot), self.seen)
+        self.score.index_put_((rows, slot), torch.zeros((), device=slot.device))
+        self.modality.index_put_((rows, slot), torch.full((), TEXT, dtype=torch.int8, device=slot.device))
+        self.seen.add_(1)
+        self.seen_max.add_(1)
+
+
+def kept_positions(cache: HAECache) -> list[list[int]]:
+    """Sorted logical positions each sequence holds now (a debugging and testing aid; syncs with the device)."""
+    rows = cache.slot_pos.cpu().tolist()
+    return [sorted(p for p in row if p >= 0) for row in rows]

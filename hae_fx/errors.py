@@ -1,0 +1,21 @@
+"""Exceptions hae_fx raises. Each message names the problem and the fix."""
+
+
+class HAEError(Exception):
+    """Base class of every error hae_fx raises on purpose."""
+
+
+class HAEConfigError(HAEError, ValueError):
+    """An `HAEConfig` field is out of range, or does not fit the model or the request."""
+
+
+class HAESiteError(HAEError, RuntimeError):
+    """The passes could not find the attention that reads an `HAECache` in a compiled graph."""
+
+
+class HAEUnsupportedModelError(HAEError, TypeError):
+    """The model family is not one hae_fx knows how to transform."""
+
+
+class HAECapacityError(HAEError, ValueError):
+    """The request does not fit the cache: a `full` cache too small, or a batch that differs from the cache's."""

@@ -1,0 +1,18 @@
+"""hae's custom ops: `torch.ops.hae.slot_write_` and `torch.ops.hae.slot_attention`.
+
+Each op has a reference implementation (what runs eagerly and in the eager-reference path), a fake
+implementation whose strides match the reference (so Inductor's generated code asserts the right layout), and
+an Inductor decomposition registered at import. The decomposition lets Inductor fuse the op with its
+neighbours and lets AOTInductor packages run without these Python definitions.
+
+Importing this package registers everything; it must happen before the first compile in a process, because
+Inductor caches its decomposition table (`hae_fx` imports it at import time).
+"""
+
+from hae_fx.ops.decompositions import register_inductor_decompositions
+from hae_fx.ops.slot_attention import slot_attention
+from hae_fx.ops.slot_write import slot_write_
+
+register_inductor_decompositions()
+
+__all__ = ["slot_attention", "slot_write_"]

@@ -1,0 +1,34 @@
+"""Inductor decompositions of the hae ops, so they fuse and AOTI packages need no Python op at load time."""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor import decomposition as inductor_decomposition
+
+from hae_fx.ops.slot_attention import attend_slots
+from hae_fx.ops.slot_write import write_slots
+
+_registered = False
+
+
+def register_inductor_decompositions() -> None:
+    """Register the decompositions in Inductor's global table (idempotent).
+
+    Inductor caches that table (`fast_random_decomps`), so the cache is cleared too: a compile that already ran
+    in this process would otherwise keep the opaque ops.
+    """
+    global _registered
+    if _registered:
+        return
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.slot_write_.default)
+    def _slot_write(k_cache, v_cache, k, v, slot):
+        write_slots(k_cache, v_cache, k, v, slot)
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention.default)
+    def _slot_attention(q, k_cache, v_cache, slot_pos, scale):
+        out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale)
+        return out.contiguous(), slot_weight
+
+    inductor_decomposition.fast_random_decomps.cache_clear()
+    _registered = True

@@ -1,0 +1,31 @@
+"""`hae::slot_write_`: write new keys and values into chosen slots of fixed-capacity K/V buffers.
+
+Integer-index `index_put_` is the one cache write Inductor re-inplaces and fuses (`scatter_` would copy the
+whole cache every step), and integer indices keep CUDA graphs legal (boolean ones call `nonzero`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slot: torch.Tensor) -> None:
+    """`k_cache[b, :, slot[b, t]] = k[b, :, t]` (same for values), in place, for every `b`, `t`."""
+    batch_index = torch.arange(k.shape[0], device=k.device).view(-1, 1, 1)
+    head_index = torch.arange(k.shape[1], device=k.device).view(1, -1, 1)
+    slot_index = slot.unsqueeze(1)
+    k_cache.index_put_((batch_index, head_index, slot_index), k.to(k_cache.dtype))
+    v_cache.index_put_((batch_index, head_index, slot_index), v.to(v_cache.dtype))
+
+
+@torch.library.custom_op("hae::slot_write_", mutates_args=("k_cache", "v_cache"))
+def slot_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slot: torch.Tensor) -> None:
+    """Write `k`, `v` (`[B, Hkv, T, D]`) into slots `slot` (`[B, T]` int64) of `k_cache`, `v_cache` (`[B, Hkv, C, D]`)."""
+    write_slots(k_cache, v_cache, k, v, slot)
+
+
+@slot_write_.register_fake
+def _(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
+    return None

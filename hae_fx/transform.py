@@ -1,0 +1,173 @@
+"""`transform(model, config)`: make an HF model generate with an `HAECache`, prefill and decode compiled
+through the hae backend.
+
+What it installs, on the model instance only (its class and weights are untouched):
+
+- `model.generate`: builds an `HAECache` for the batch, checks the request fits (`full` needs room for prompt +
+  new tokens), and calls HF's `generate` with HF's own compile turned off (hae_fx compiles).
+- `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
+  mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
+  compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
+- the language model's `forward`: compiled prefill while the cache is empty.
+
+The vision tower stays eager during prefill, as under HF's own compile (its graphs break on data-dependent
+code); decode never runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from hae_fx.backend import hae_backend
+from hae_fx.cache import TEXT, VISUAL, HAECache
+from hae_fx.config import HAEConfig
+from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
+from hae_fx.models import ModelFamily, family_of
+
+
+def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: str | None = None,
+              options: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
+
+    Args:
+        model: an HF model of a supported family (`hae_fx.models.FAMILIES`).
+        config: the eviction configuration; `HAEConfig()` when None.
+        mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
+        options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
+            Inductor (the eager-reference path).
+    """
+    config = HAEConfig() if config is None else config
+    if not isinstance(config, HAEConfig):
+        raise HAEConfigError(f"config must be an hae_fx.HAEConfig, got {type(config).__name__}")
+    if getattr(model, "hae_config", None) is not None:
+        raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
+    family = family_of(model)
+    backend = functools.partial(hae_backend, mode=mode, options=options)
+    language_model = family.language_model(model)
+
+    eager_language_forward = language_model.forward
+    eager_forward = model.forward
+    eager_generate = model.generate
+
+    def hae_prefill(*args: Any, **kwargs: Any) -> Any:
+        return eager_language_forward(*args, **kwargs)
+
+    def hae_decode_step(*args: Any, **kwargs: Any) -> Any:
+        return eager_forward(*args, **kwargs)
+
+    compile_kwargs = dict(backend=backend, fullgraph=True, dynamic=False)
+    compiled_prefill = torch.compile(hae_prefill, **compile_kwargs)
+    compiled_decode = torch.compile(hae_decode_step, **compile_kwargs)
+
+    @functools.wraps(eager_language_forward)
+    def language_forward(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, HAECache) and not cache.prefilled:
+            return compiled_prefill(*args, **kwargs)
+        return eager_language_forward(*args, **kwargs)
+
+    @functools.wraps(eager_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, HAECache):
+            return eager_forward(*args, **kwargs)
+        if cache.prefilled:
+            cache.begin_decode_step()
+            return compiled_decode(*args, **kwargs)
+        token_pos, modality = prompt_metadata(family, model, args, kwargs)
+        cache.begin_prefill(token_pos, modality)
+        output = eager_forward(*args, **kwargs)
+        cache.end_prefill()
+        return output
+
+    @functools.wraps(eager_generate)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        prompt = _prompt_tensor(args, kwargs)
+        batch, prompt_len = prompt.shape[:2]
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = HAECache.for_model(model, config, batch)
+        elif not isinstance(cache, HAECache):
+            raise HAEConfigError(
+                f"a transformed model generates with an hae_fx.HAECache, got {type(cache).__name__}; omit "
+                "past_key_values to get one"
+            )
+        elif cache.batch != batch:
+            raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
+        _check_fits(cache, model, prompt_len, kwargs)
+        kwargs["past_key_values"] = cache
+        kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
+        return eager_generate(*args, **kwargs)
+
+    language_model.forward = language_forward
+    model.forward = forward
+    model.generate = generate
+    model.hae_config = config
+    return model
+
+
+def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(token_pos, modality)` of a prompt forward: logical positions (-1 for padding) and TEXT/VISUAL tags.
+
+    Padding is read from the attention mask as HF passes it: 2-D `[B, T]`, 4-D `[B, 1, T, T]` (a token is real
+    iff it may attend to itself), or None (no padding).
+    """
+    prompt = _prompt_tensor(args, kwargs)
+    batch, length = prompt.shape[:2]
+    device = prompt.device
+    valid = _token_validity(kwargs.get("attention_mask"), batch, length, device)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = valid.long().cumsum(-1) - 1
+    token_pos = torch.where(valid, position_ids.expand(batch, length).to(device), -1)
+
+    modality = torch.full((batch, length), TEXT, dtype=torch.int8, device=device)
+    image_token_id = family.image_token_id(model)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if image_token_id is not None and input_ids is not None:
+        modality = torch.where(input_ids == image_token_id, VISUAL, modality).to(torch.int8)
+    return token_pos, modality
+
+
+def _token_validity(attention_mask: torch.Tensor | None, batch: int, length: int,
+                    device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    diagonal = attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)[:, -length:]
+    if diagonal.dtype == torch.bool:
+        return diagonal.to(device)
+    return (diagonal == 0).to(device)  # additive float mask: 0 where attention is allowed
+
+
+def _prompt_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    for name in ("input_ids", "inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    raise HAEConfigError("hae_fx needs the prompt as input_ids (or inputs_embeds) to size the HAECache")
+
+
+def _check_fits(cache: HAECache, model: torch.nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> None:
+    if cache.policy.evicts:
+        return
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None:
+        generation_config = kwargs.get("generation_config") or model.generation_config
+        max_new = generation_config.max_new_tokens
+        if max_new is None:
+            max_new = max(generation_config.max_length - prompt_len, 0)
+    if prompt_len + max_new > cache.capacity:
+        raise HAECapacityError(
+            f"policy 'full' keeps every token but capacity={cache.capacity} < prompt ({prompt_len}) + "
+            f"max_new_tokens ({max_new}) = {prompt_len + max_new}; raise HAEConfig.capacity or choose an evicting "
+            "policy such as 'streaming'"
+        )
+
+

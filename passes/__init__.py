@@ -1,0 +1,18 @@
+"""FX passes that turn attention over an `HAECache` into hae ops.
+
+`cache_inputs` tells which graph inputs are cache tensors, `sites` finds the attention that reads them (SDPA,
+or HF's eager matmul-softmax-matmul), `rewrite` replaces each site with `hae::slot_attention` and wires the
+per-slot attention into the cache's scores. Each pass is a plain function over a `torch.fx.Graph`.
+"""
+
+from hae_fx.passes.cache_inputs import cache_roles_from_example_inputs
+from hae_fx.passes.rewrite import RewriteReport, rewrite_attention
+from hae_fx.passes.sites import AttentionSite, find_attention_sites
+
+__all__ = [
+    "AttentionSite",
+    "RewriteReport",
+    "cache_roles_from_example_inputs",
+    "find_attention_sites",
+    "rewrite_attention",
+]

@@ -1,0 +1,135 @@
+"""Rewrite attention over `HAECache` slots into `hae::slot_attention`, and feed its per-slot attention into the
+cache's running scores.
+
+After the rewrite the only readers of a cache K/V buffer are hae ops (`slot_write_`, `slot_attention`). Any
+other reader means an attention the passes did not recognise, which would attend over slots with the wrong
+mask: that is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from hae_fx.cache import CacheRole
+from hae_fx.errors import HAESiteError
+from hae_fx.passes.sites import AttentionSite, find_attention_sites
+
+
+
+def is_hae_op(target: object) -> bool:
+    """Whether an FX call target is one of the `torch.ops.hae` ops (packet or overload)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace == "hae"
+    return isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("hae::")
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    """What `rewrite_attention` did: sites rewritten per layer, in graph order, and their forms."""
+
+    layers: tuple[int, ...]
+    forms: tuple[str, ...]
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "no attention over cache slots (prefill graph: cache writes only)"
+        return f"{len(self.layers)} attention site(s) rewritten, layers {list(self.layers)}, forms {set(self.forms)}"
+
+
+def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> RewriteReport:
+    """Replace every attention over cache slots in `gm` with `hae::slot_attention` (in place).
+
+    Scores: each site adds its per-slot attention, divided by the number of sites, to the cache's `score`
+    buffer, so `score` accumulates attention averaged over layers and heads, summed over steps.
+
+    Raises:
+        HAESiteError: a cache K/V buffer is read by something that is neither a hae op nor a recognised
+            attention, or a needed cache input (`slot_pos`, `score`) is missing from the graph.
+    """
+    graph = gm.graph
+    sites = find_attention_sites(graph, roles)
+    if sites:
+        slot_pos = _placeholder(roles, "slot_pos")
+        score = _placeholder(roles, "score")
+        for site in sites:
+            _rewrite_site(graph, site, slot_pos, score, len(sites))
+    _check_only_hae_ops_read_slots(graph, roles)
+    graph.lint()
+    gm.recompile()
+    return RewriteReport(layers=tuple(s.layer for s in sites), forms=tuple(s.form for s in sites))
+
+
+def _placeholder(roles: dict[fx.Node, CacheRole], kind: str) -> fx.Node:
+    for node, role in roles.items():
+        if role.kind == kind:
+            return node
+    raise HAESiteError(
+        f"the graph reads HAECache key/value slots but not its {kind!r} tensor; the cache's update() must run "
+        "inside the compiled region (compile the whole language model, not only its attention)"
+    )
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score: fx.Node, num_sites: int) -> None:
+    with graph.inserting_before(site.output):
+        attention = graph.call_function(
+            torch.ops.hae.slot_attention.default,
+            (site.query, site.keys, site.values, slot_pos, _scale_of(site)),
+        )
+        out = graph.call_function(operator.getitem, (attention, 0))
+        slot_weight = graph.call_function(operator.getitem, (attention, 1))
+        graph.call_method("add_", (score, slot_weight), {"alpha": 1.0 / num_sites})
+    out.meta.update(site.output.meta)
+    site.output.replace_all_uses_with(out)
+    leftover = _erase_unused(graph, site.owned)
+    if leftover:
+        raise HAESiteError(
+            f"layer {site.layer}: {leftover[0].name}, part of the attention over cache slots, is still used after "
+            "the rewrite (e.g. attention probabilities returned by output_attentions=True); hae_fx cannot return "
+            "per-token attention over evicting slots: generate without output_attentions"
+        )
+
+
+def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    """Erase the nodes of `nodes` left without users, repeatedly, since erasing one can free another.
+    Returns the nodes still in use."""
+    remaining = list(nodes)
+    while True:
+        unused = [node for node in remaining if not node.users]
+        if not unused:
+            return remaining
+        for node in unused:
+            graph.erase_node(node)
+            remaining.remove(node)
+
+
+def _scale_of(site: AttentionSite) -> float:
+    if site.scale is not None:
+        return float(site.scale)
+    head_dim = _example(site.query).shape[-1]
+    return head_dim**-0.5
+
+
+def _example(node: fx.Node) -> torch.Tensor:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if value is None:
+        raise HAESiteError(f"node {node.name} carries no shape metadata; run the passes on a Dynamo or export graph")
+    return value
+
+
+def _check_only_hae_ops_read_slots(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> None:
+    for node, role in roles.items():
+        if role.kind not in ("keys", "values"):
+            continue
+        for user in node.users:
+            if user.op == "call_function" and is_hae_op(user.target):
+                continue
+            raise HAESiteError(
+                f"cache {role.kind} of layer {role.layer} are read by {user.format_node()}, which is not an "
+                "attention hae_fx recognises. hae_fx rewrites scaled_dot_product_attention and HF's eager "
+                "matmul-softmax-matmul attention over HAECache slots; load the model with "
+                "attn_implementation='sdpa' (or 'eager')"
+            )
