@@ -12,14 +12,16 @@ Options (besides Inductor's own config keys):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
 
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
-from hae_fx.passes import cache_roles_from_example_inputs, rewrite_attention
+from hae_fx.passes import RewriteReport, cache_roles_from_example_inputs, rewrite_attention
 
 log = logging.getLogger("hae_fx")
 
@@ -27,8 +29,43 @@ COMPILER_OPTION = "hae.compiler"
 COMPILERS = ("inductor", "eager")
 
 
+@dataclass(frozen=True)
+class GraphRecord:
+    """What the hae backend saw and did to one graph: for `hae-fx inspect`, tests and debugging.
+
+    Attributes:
+        report: the sites rewritten (None when the graph read no HAECache).
+        op_counts: call targets of the rewritten graph, by name, with their number of calls.
+        code: the rewritten graph's Python code.
+    """
+
+    report: RewriteReport | None
+    op_counts: Counter
+    code: str
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> GraphRecord:
+    """Apply the hae passes to `gm` in place and describe the result."""
+    roles = cache_roles_from_example_inputs(gm.graph, example_inputs)
+    report = None
+    if roles:
+        report = rewrite_attention(gm, roles)
+        log.debug("hae: %s", report)
+    else:
+        log.info("hae: this graph reads no HAECache, compiling it unchanged; use "
+                 "hae_fx.transform(model, hae_fx.HAEConfig(...)) to generate with an evicting cache")
+    op_counts = Counter(_target_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return GraphRecord(report=report, op_counts=op_counts, code=gm.code)
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
+
+
 def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
-                options: dict[str, Any] | None = None) -> Callable[..., Any]:
+                options: dict[str, Any] | None = None,
+                on_rewrite: Callable[[GraphRecord], None] | None = None) -> Callable[..., Any]:
     """Compile `gm`: rewrite its attention over HAECache slots into hae ops, then run Inductor.
 
     Args:
@@ -36,20 +73,16 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
         example_inputs: its inputs (real tensors; cache tensors are recognised by identity tags).
         mode: torch.compile mode, mapped to Inductor options here since custom backends receive it raw.
         options: Inductor config patches, plus `"hae.compiler"` (see the module docstring).
+        on_rewrite: called with the `GraphRecord` of the rewritten graph, before Inductor runs.
     """
     inductor_options = dict(options or {})
     compiler = inductor_options.pop(COMPILER_OPTION, "inductor")
     if compiler not in COMPILERS:
         raise ValueError(f"options[{COMPILER_OPTION!r}] must be one of {COMPILERS}, got {compiler!r}")
 
-    roles = cache_roles_from_example_inputs(gm.graph, example_inputs)
-    if roles:
-        report = rewrite_attention(gm, roles)
-        log.debug("hae: %s", report)
-    else:
-        log.info("hae: this graph reads no HAECache, compiling it unchanged; use "
-                 "hae_fx.transform(model, hae_fx.HAEConfig(...)) to generate with an evicting cache")
-
+    record = rewrite_graph(gm, example_inputs)
+    if on_rewrite is not None:
+        on_rewrite(record)
     if compiler == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -17,15 +17,33 @@ code); decode never runs it.
 from __future__ import annotations
 
 import functools
+import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from hae_fx.backend import hae_backend
+from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, family_of
+
+
+#: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
+PREFILL_SHAPES_PER_MODEL = 64
+
+
+def _own_code(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of `function` with its own code object.
+
+    Dynamo caches compiled graphs per code object and caps recompiles per code object; the step functions of
+    every transformed model share their source, so without their own code objects several models in one
+    process would evict each other's graphs and exhaust the cap.
+    """
+    code = function.__code__.replace()
+    return types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
 
 
 def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: str | None = None,
@@ -38,6 +56,9 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
         options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
             Inductor (the eager-reference path).
+
+    The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...]}`, one
+    `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
     """
     config = HAEConfig() if config is None else config
     if not isinstance(config, HAEConfig):
@@ -45,7 +66,11 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
-    backend = functools.partial(hae_backend, mode=mode, options=options)
+    graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
+
+    def backend_for(phase: str) -> Any:
+        return functools.partial(hae_backend, mode=mode, options=options, on_rewrite=graphs[phase].append)
+
     language_model = family.language_model(model)
 
     eager_language_forward = language_model.forward
@@ -58,15 +83,17 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     def hae_decode_step(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
 
-    compile_kwargs = dict(backend=backend, fullgraph=True, dynamic=False)
-    compiled_prefill = torch.compile(hae_prefill, **compile_kwargs)
-    compiled_decode = torch.compile(hae_decode_step, **compile_kwargs)
+    compiled_prefill = torch.compile(_own_code(hae_prefill), backend=backend_for("prefill"), fullgraph=True,
+                                     dynamic=False)
+    compiled_decode = torch.compile(_own_code(hae_decode_step), backend=backend_for("decode"), fullgraph=True,
+                                    dynamic=False)
 
     @functools.wraps(eager_language_forward)
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            return compiled_prefill(*args, **kwargs)
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL):
+                return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
     @functools.wraps(eager_forward)
@@ -106,6 +133,7 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     model.forward = forward
     model.generate = generate
     model.hae_config = config
+    model.hae_graphs = graphs
     return model
 
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny LLaVA models and prompts built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hae_fx.models.llava import llava_prompt, tiny_llava
+
+
+def llava_inputs(model, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch of image+text prompts of different lengths (lengths differ when batch > 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    prompts = []
+    for row in range(batch):
+        prefix = [1, *torch.randint(3, 200, (3 + 2 * row,), generator=generator).tolist()]
+        suffix = torch.randint(3, 200, (6 - row,), generator=generator).tolist()
+        prompts.append(llava_prompt(config, prefix=prefix, suffix=suffix))
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    image_size = config.vision_config.image_size
+    pixel_values = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+@pytest.fixture
+def dynamo_counters():
+    """Dynamo's counters, cleared at the start of the test."""
+    torch._dynamo.utils.counters.clear()
+    return torch._dynamo.utils.counters
+
+
+@pytest.fixture
+def llava():
+    return tiny_llava(seed=0)

@@ -1,0 +1,84 @@
+"""The hae ops: reference semantics, fake-tensor strides (opcheck), and fusion through their decompositions."""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import hae_fx  # noqa: F401  (registers the ops)
+from hae_fx.ops.slot_attention import attend_slots
+
+
+def _cache(batch=2, kv_heads=2, capacity=8, head_dim=16):
+    k_cache = torch.randn(batch, kv_heads, capacity, head_dim)
+    v_cache = torch.randn(batch, kv_heads, capacity, head_dim)
+    slot_pos = torch.tensor([[0, 1, 2, -1, 4, 5, -1, 7], [3, -1, -1, 0, 1, 2, 6, 5]])[:batch, :capacity]
+    return k_cache, v_cache, slot_pos
+
+
+def _permuted(shape):
+    """A tensor of `shape` laid out as [B, T, H, D] (what a projection + transpose produces)."""
+    b, h, t, d = shape
+    return torch.randn(b, t, h, d).transpose(1, 2)
+
+
+def test_slot_write_puts_each_token_in_its_slot():
+    k_cache, v_cache, _ = _cache()
+    k = torch.randn(2, 2, 3, 16)
+    v = torch.randn(2, 2, 3, 16)
+    slot = torch.tensor([[5, 0, 7], [1, 2, 6]])
+    torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot)
+    for b in range(2):
+        for t in range(3):
+            assert torch.equal(k_cache[b, :, slot[b, t]], k[b, :, t])
+            assert torch.equal(v_cache[b, :, slot[b, t]], v[b, :, t])
+
+
+def test_slot_attention_equals_masked_sdpa_with_grouped_heads():
+    k_cache, v_cache, slot_pos = _cache()
+    q = torch.randn(2, 4, 1, 16)
+    out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)
+    mask = (slot_pos >= 0)[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache.repeat_interleave(2, dim=1), v_cache.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    probs = torch.softmax((q @ k_cache.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, -1e30), -1)
+    torch.testing.assert_close(slot_weight, probs.mean(1).sum(1))
+    assert torch.all(slot_weight[slot_pos < 0] == 0)
+    torch.testing.assert_close(slot_weight.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck_slot_attention(layout):
+    k_cache, v_cache, slot_pos = _cache()
+    make = torch.randn if layout == "contiguous" else _permuted
+    q = make((2, 4, 3, 16))
+    torch.library.opcheck(torch.ops.hae.slot_attention.default, (q, k_cache, v_cache, slot_pos, 0.25))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck_slot_write(layout):
+    k_cache, v_cache, _ = _cache()
+    make = torch.randn if layout == "contiguous" else _permuted
+    k, v = make((2, 2, 3, 16)), make((2, 2, 3, 16))
+    slot = torch.tensor([[5, 0, 7], [1, 2, 6]])
+    torch.library.opcheck(torch.ops.hae.slot_write_.default, (k_cache, v_cache, k, v, slot))
+
+
+def test_inductor_decomposes_both_ops_into_generated_code():
+    """No opaque call to a hae op survives in Inductor's output: the decompositions were used and fused."""
+    k_cache, v_cache, slot_pos = _cache()
+
+    def step(q, k, v, slot):
+        torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot)
+        return torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)[0]
+
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    slot = torch.tensor([[3], [1]])
+    expected_cache = k_cache.clone()
+    expected_cache[0, :, 3], expected_cache[1, :, 1] = k[0, :, 0], k[1, :, 0]
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    out, (code, *_) = run_and_get_code(compiled, q, k, v, slot)
+    assert "torch.ops.hae" not in code
+    torch.testing.assert_close(k_cache, expected_cache)
+    expected_out, _ = attend_slots(q, k_cache, v_cache, slot_pos, 0.25)
+    torch.testing.assert_close(out, expected_out)
