@@ -60,7 +60,11 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> GraphRecord:
 
 def _target_name(node: fx.Node) -> str:
     target = node.target
-    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or str(target)
+    if isinstance(target, str):
+        return target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None = None,

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hae_fx import ops
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError
 from hae_fx.policies import get_policy

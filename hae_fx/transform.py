@@ -16,9 +16,10 @@ code); decode never runs it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +29,6 @@ from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, family_of
-
 
 #: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
 PREFILL_SHAPES_PER_MODEL = 64
@@ -92,7 +92,7 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL):
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped():
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -103,7 +103,8 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
             cache.begin_decode_step()
-            return compiled_decode(*args, **kwargs)
+            with _hae_errors_unwrapped():
+                return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
         cache.begin_prefill(token_pos, modality)
         output = eager_forward(*args, **kwargs)
@@ -135,6 +136,17 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     model.hae_config = config
     model.hae_graphs = graphs
     return model
+
+
+@contextlib.contextmanager
+def _hae_errors_unwrapped() -> Iterator[None]:
+    """Re-raise an `HAEError` from the hae backend as itself, not wrapped in Dynamo's BackendCompilerFailed."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        if isinstance(error.inner_exception, HAEError):
+            raise error.inner_exception from None
+        raise
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]

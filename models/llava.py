@@ -22,7 +22,8 @@ LLAVA = ModelFamily(
 def tiny_llava_config(*, text_layers: int = 2, image_size: int = 32, patch_size: int = 8, vocab_size: int = 256,
                       attn_implementation: str = "sdpa") -> LlavaConfig:
     """A LLaVA config small enough for CPU tests: `(image_size / patch_size)^2` visual tokens per image
-    (16 by default; the CLS feature is dropped), grouped-query attention (4 query heads, 2 KV heads), ids `vocab_size - 6` = image token."""
+    (16 by default; the CLS feature is dropped), grouped-query attention (4 query heads, 2 KV heads), and
+    `vocab_size - 6` as the image token id."""
     image_token_id = vocab_size - 6
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)

@@ -16,7 +16,7 @@ def cache_roles_from_example_inputs(graph: fx.Graph, example_inputs: list[object
     """Map each placeholder whose example input is an `HAECache` tensor to that tensor's role."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     roles: dict[fx.Node, CacheRole] = {}
-    for node, value in zip(placeholders, example_inputs):
+    for node, value in zip(placeholders, example_inputs, strict=False):
         role = role_of(value) if isinstance(value, torch.Tensor) else None
         if role is not None:
             roles[node] = role

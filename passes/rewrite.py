@@ -19,7 +19,6 @@ from hae_fx.errors import HAESiteError
 from hae_fx.passes.sites import AttentionSite, find_attention_sites
 
 
-
 def is_hae_op(target: object) -> bool:
     """Whether an FX call target is one of the `torch.ops.hae` ops (packet or overload)."""
     if isinstance(target, torch._ops.OpOverload):

@@ -111,7 +111,7 @@ def _is_call(node: fx.Node, functions: set, method: str | None = None) -> bool:
 
 
 def _sdpa_site(node: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionSite | None:
-    args = dict(zip(SDPA_ARG_NAMES, node.args))
+    args = dict(zip(SDPA_ARG_NAMES, node.args, strict=False))
     args.update(node.kwargs)
     owned: list[fx.Node] = []
     keys = trace_to_cache(args["key"], roles, "keys", owned)

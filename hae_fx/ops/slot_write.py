@@ -22,7 +22,8 @@ def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
 @torch.library.custom_op("hae::slot_write_", mutates_args=("k_cache", "v_cache"))
 def slot_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slot: torch.Tensor) -> None:
-    """Write `k`, `v` (`[B, Hkv, T, D]`) into slots `slot` (`[B, T]` int64) of `k_cache`, `v_cache` (`[B, Hkv, C, D]`)."""
+    """Write `k`, `v` (`[B, Hkv, T, D]`) into slots `slot` (`[B, T]` int64) of `k_cache`, `v_cache`
+    (`[B, Hkv, C, D]`)."""
     write_slots(k_cache, v_cache, k, v, slot)
 
 

@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each builds its own virtualenv,
+# installs the CPU build of torch 2.13.0 first (so no resolver pulls a CUDA build), then hae_fx, and runs.
+PYTHON ?= python3
+DEMO_VENV := .venv/demo
+TEST_VENV := .venv/test
+
+.PHONY: demo test lint
+
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/python examples/quickstart.py
+
+test: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m ruff check hae_fx passes models tests examples
+
+$(DEMO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q torch==2.13.0
+	$(DEMO_VENV)/bin/pip install -q -e .
+	touch $@
+
+$(TEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q torch==2.13.0
+	$(TEST_VENV)/bin/pip install -q -e ".[test]" ruff
+	touch $@

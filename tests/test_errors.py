@@ -1,0 +1,64 @@
+"""Bad input fails early with an error that names the problem and the fix."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+import hae_fx
+from hae_fx import HAECapacityError, HAEConfig, HAESiteError, HAEUnsupportedModelError
+from hae_fx.models.llava import tiny_llava
+from tests.conftest import llava_inputs
+
+
+def test_full_capacity_too_small_is_refused_before_generating():
+    model = hae_fx.transform(tiny_llava(), HAEConfig(policy="full", capacity=24), options={"hae.compiler": "eager"})
+    inputs = llava_inputs(model, 1)
+    prompt_len = inputs["input_ids"].shape[1]
+    with pytest.raises(HAECapacityError, match=rf"capacity=24 < prompt \({prompt_len}\) \+ max_new_tokens \(10\)"):
+        model.generate(**inputs, max_new_tokens=10)
+    assert model.hae_graphs["prefill"] == []  # nothing ran
+
+
+def test_cache_of_another_batch_size_is_refused():
+    model = hae_fx.transform(tiny_llava(), HAEConfig(policy="streaming", capacity=16, sinks=2, window=4))
+    cache = hae_fx.HAECache.for_model(model, model.hae_config, batch=1)
+    with pytest.raises(HAECapacityError, match="batch mismatch: the HAECache holds batch 1, the prompt has 2"):
+        model.generate(**llava_inputs(model, 2), past_key_values=cache, max_new_tokens=3)
+
+
+def test_unsupported_family_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(HAEUnsupportedModelError, match=r"does not support GPT2LMHeadModel .*'gpt2'.*llava"):
+        hae_fx.transform(model, HAEConfig())
+
+
+def _einsum_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention implementation the passes do not know: plain einsums."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    weights = torch.einsum("bhqd,bhkd->bhqk", query, key) * scaling
+    if attention_mask is not None:
+        weights = weights.masked_fill(~attention_mask, float("-inf"))
+    out = torch.einsum("bhqk,bhkd->bhqd", weights.softmax(-1), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_model_whose_attention_sites_cannot_be_found():
+    AttentionInterface.register("einsum_attention", _einsum_attention)
+    AttentionMaskInterface.register("einsum_attention", sdpa_mask)
+    model = tiny_llava()
+    model.set_attn_implementation({"text_config": "einsum_attention"})
+    hae_fx.transform(model, HAEConfig(policy="streaming", capacity=16, sinks=2, window=4),
+                     options={"hae.compiler": "eager"})
+    with pytest.raises(HAESiteError, match=r"cache keys of layer 0 are read by .*not an attention hae_fx "
+                                           r"recognises.*attn_implementation='sdpa'"):
+        model.generate(**llava_inputs(model, 1), max_new_tokens=3)
+
+
+def test_transforming_twice_is_refused():
+    model = hae_fx.transform(tiny_llava(), HAEConfig())
+    with pytest.raises(hae_fx.HAEError, match="already transformed"):
+        hae_fx.transform(model, HAEConfig())
