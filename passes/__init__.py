@@ -5,7 +5,7 @@ or HF's eager matmul-softmax-matmul), `rewrite` replaces each site with `hae::sl
 per-slot attention into the cache's scores. Each pass is a plain function over a `torch.fx.Graph`.
 """
 
-from hae_fx.passes.cache_inputs import cache_roles_from_example_inputs
+from hae_fx.passes.cache_inputs import cache_roles_from_example_inputs, cache_roles_from_export
 from hae_fx.passes.rewrite import RewriteReport, rewrite_attention
 from hae_fx.passes.sites import AttentionSite, find_attention_sites
 
@@ -13,6 +13,7 @@ __all__ = [
     "AttentionSite",
     "RewriteReport",
     "cache_roles_from_example_inputs",
+    "cache_roles_from_export",
     "find_attention_sites",
     "rewrite_attention",
 ]

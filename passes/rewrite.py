@@ -80,7 +80,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score
         )
         out = graph.call_function(operator.getitem, (attention, 0))
         slot_weight = graph.call_function(operator.getitem, (attention, 1))
-        graph.call_method("add_", (score, slot_weight), {"alpha": 1.0 / num_sites})
+        graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": 1.0 / num_sites})
     out.meta.update(site.output.meta)
     site.output.replace_all_uses_with(out)
     leftover = _erase_unused(graph, site.owned)
