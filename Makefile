@@ -13,7 +13,7 @@ test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python -m ruff check hae_fx passes models tests examples
+	$(TEST_VENV)/bin/python -m ruff check hae_fx passes models tests examples benchmarks
 
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
