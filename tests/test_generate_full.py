@@ -61,3 +61,20 @@ def test_eager_attention_form_is_rewritten_too():
     (decode,) = model.hae_graphs["decode"]
     assert decode.report.forms == ("eager", "eager")
     assert "softmax" not in decode.op_counts
+
+
+def test_cache_tags_image_tokens_as_visual():
+    from hae_fx.cache import TEXT, VISUAL
+
+    model = hae_fx.transform(tiny_llava(seed=0), hae_fx.HAEConfig(policy="full", capacity=64),
+                             options={"hae.compiler": "eager"})
+    inputs = llava_inputs(model, 2)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    image_token_id = model.config.image_token_id
+    for row in range(2):
+        real = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        slots = zip(cache.slot_pos[row].tolist(), cache.modality[row].tolist(), strict=True)
+        by_position = sorted((pos, tag) for pos, tag in slots if pos >= 0)
+        expected = [VISUAL if token == image_token_id else TEXT for token in real.tolist()] + [TEXT] * 3
+        assert [tag for _, tag in by_position] == expected
