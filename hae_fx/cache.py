@@ -84,7 +84,7 @@ class HAELayer(CacheLayerMixin):
         return (query_length, 0) if not self.cache.prefilled else (self.cache.capacity, 0)
 
     def get_seq_length(self) -> torch.Tensor | int:
-        return self.cache.seen_max
+        return self.cache.seen.amax()
 
     def get_max_length(self) -> int:
         return self.cache.capacity
@@ -122,7 +122,6 @@ class HAECache(Cache):
         self.modality = _static(torch.zeros(batch, self.capacity, dtype=torch.int8, device=device),
                                 CacheRole("modality"))
         self.seen = _static(torch.zeros(batch, **long), CacheRole("seen"))
-        self.seen_max = _static(torch.zeros((), **long), CacheRole("seen_max"))
         self.step_slot = _static(torch.zeros(batch, **long), CacheRole("step_slot"))
         self.prefill_keep = _static(torch.zeros(batch, self.capacity, **long), CacheRole("prefill_keep"))
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
@@ -145,8 +144,7 @@ class HAECache(Cache):
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
-        meta = [self.slot_pos, self.score, self.modality, self.seen, self.seen_max, self.step_slot,
-                self.prefill_keep]
+        meta = [self.slot_pos, self.score, self.modality, self.seen, self.step_slot, self.prefill_keep]
         return kv + meta
 
     @property
@@ -184,7 +182,7 @@ class HAECache(Cache):
     def end_prefill(self) -> None:
         self.prefilled = True
         self.prompt_pos = self.prompt_modality = None
-        self.tokens_seen = int(self.seen_max)
+        self.tokens_seen = int(self.seen.amax())
 
     def begin_decode_step(self) -> None:
         """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
@@ -202,7 +200,7 @@ class HAECache(Cache):
             layer.keys.zero_()
             layer.values.zero_()
         self.slot_pos.fill_(-1)
-        for t in (self.score, self.modality, self.seen, self.seen_max, self.step_slot, self.prefill_keep):
+        for t in (self.score, self.modality, self.seen, self.step_slot, self.prefill_keep):
             t.zero_()
         self.prefilled = False
         self.tokens_seen = 0
@@ -253,9 +251,7 @@ class HAECache(Cache):
         self.modality.zero_()
         self.modality[:, :kept].copy_(self.prompt_modality.gather(1, keep))
         self.score.zero_()
-        seen = (token_pos.amax(dim=-1) + 1).clamp_min(0)
-        self.seen.copy_(seen)
-        self.seen_max.copy_(seen.amax())
+        self.seen.copy_((token_pos.amax(dim=-1) + 1).clamp_min(0))
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer_idx == 0:
@@ -276,7 +272,6 @@ class HAECache(Cache):
         self.score.index_put_((rows, slot), torch.zeros((), device=slot.device))
         self.modality.index_put_((rows, slot), torch.full((), TEXT, dtype=torch.int8, device=slot.device))
         self.seen.add_(1)
-        self.seen_max.add_(1)
 
 
 def kept_positions(cache: HAECache) -> list[list[int]]:
