@@ -1,18 +1,21 @@
 """hae_fx: Hierarchical Adaptive Eviction for HF (multimodal) decoders, as a torch.compile transform.
 
     import hae_fx
-    model = hae_fx.transform(model, hae_fx.HAEConfig(policy="streaming", capacity=64))
+    model = hae_fx.transform(model, hae_fx.HAEConfig(policy="hae", capacity=256, bin_size=64))
     out = model.generate(**inputs, max_new_tokens=100, return_dict_in_generate=True)
     out.past_key_values.nbytes     # fixed, whatever the prompt or generation length
+    print(hae_fx.report(out.past_key_values))   # kept visual/text tokens, bin, KV bytes vs a full cache
 """
 
 from hae_fx import ops  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
 from hae_fx.cache import HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.report import CacheReport, report
 from hae_fx.transform import transform
 
 __all__ = [
+    "CacheReport",
     "HAECache",
     "HAECapacityError",
     "HAEConfig",
@@ -20,5 +23,6 @@ __all__ = [
     "HAEError",
     "HAESiteError",
     "HAEUnsupportedModelError",
+    "report",
     "transform",
 ]

@@ -14,14 +14,26 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
-from hae_fx.passes import RewriteReport, cache_roles_from_example_inputs, rewrite_attention
+from hae_fx.cache import CacheRole
+from hae_fx.passes import (
+    DAPPlacement,
+    RewriteReport,
+    cache_roles_from_example_inputs,
+    place_dap_plan,
+    rewrite_attention,
+)
+from hae_fx.passes.sites import example_value
+
+#: the ops that write prompt or new-token keys into a layer's cache (Dynamo records packets, export overloads)
+CACHE_WRITES = (torch.ops.hae.slot_write_, torch.ops.hae.slot_write_.default, torch.ops.hae.prefill_write_,
+                torch.ops.hae.prefill_write_.default)
 
 log = logging.getLogger("hae_fx")
 
@@ -35,6 +47,9 @@ class GraphRecord:
 
     Attributes:
         report: the sites rewritten (None when the graph read no HAECache).
+        dap: where the `hae` prefill decision was placed (None for graphs without one).
+        tokens_per_layer: decoder layer -> tokens whose keys the layer computes and writes to the cache (with
+            `prune_hidden`, layers after `dap_layer` compute on the kept tokens only).
         op_counts: call targets of the rewritten graph, by name, with their number of calls.
         code: the rewritten graph's Python code.
     """
@@ -42,20 +57,33 @@ class GraphRecord:
     report: RewriteReport | None
     op_counts: Counter
     code: str
+    dap: DAPPlacement | None = None
+    tokens_per_layer: dict[int, int] = field(default_factory=dict)
 
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> GraphRecord:
     """Apply the hae passes to `gm` in place and describe the result."""
     roles = cache_roles_from_example_inputs(gm.graph, example_inputs)
-    report = None
+    report = dap = None
     if roles:
+        dap = place_dap_plan(gm, roles)
         report = rewrite_attention(gm, roles)
-        log.debug("hae: %s", report)
+        log.debug("hae: %s%s", report, f"; {dap}" if dap else "")
     else:
         log.info("hae: this graph reads no HAECache, compiling it unchanged; use "
                  "hae_fx.transform(model, hae_fx.HAEConfig(...)) to generate with an evicting cache")
     op_counts = Counter(_target_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
-    return GraphRecord(report=report, op_counts=op_counts, code=gm.code)
+    return GraphRecord(report=report, op_counts=op_counts, code=gm.code, dap=dap,
+                       tokens_per_layer=_tokens_per_layer(gm.graph, roles))
+
+
+def _tokens_per_layer(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, int]:
+    """Read off each cache write: its keys argument is `[B, Hkv, tokens, D]`."""
+    tokens = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in CACHE_WRITES:
+            tokens[roles[node.args[0]].layer] = example_value(node.args[2]).shape[2]
+    return dict(sorted(tokens.items()))
 
 
 def _target_name(node: fx.Node) -> str:

@@ -6,6 +6,7 @@ hae policies broadcast one index set to every layer:
 - `slot_pos [B, C]` int64: logical position of the token in each slot, -1 for a free slot;
 - `score [B, C]` float32: attention the slot received (mean over heads and layers, summed over steps);
 - `modality [B, C]` int8: `TEXT` or `VISUAL`;
+- `in_bin [B, C]` int8: 1 for tokens in the `hae` policy's recycle bin (evicted, still attended);
 - `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position).
 
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
@@ -20,26 +21,32 @@ Driving it without those passes would be silently wrong, so it refuses to decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError
-from hae_fx.policies import get_policy
+from hae_fx.modality import TEXT, VISUAL
+from hae_fx.ops.dap_plan import NO_VISUAL_CAP
+from hae_fx.policies import SlotState, get_policy
 
-TEXT = 0
-VISUAL = 1
+log = logging.getLogger("hae_fx")
+
+__all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
 
 
 @dataclass(frozen=True)
 class CacheRole:
     """What a tensor is inside an `HAECache`: `kind` in `keys`, `values`, `slot_pos`, `score`, `modality`,
-    `seen`, `step_slot`, `prefill_keep`; `layer` for keys and values."""
+    `in_bin`, `seen`, `step_slot`, `prefill_keep`; `layer` for keys and values; `config`, the cache's
+    `HAEConfig`, which the passes read (e.g. which layers feed the scores)."""
 
     kind: str
     layer: int | None = None
+    config: HAEConfig | None = field(default=None, compare=False)
 
 
 def role_of(tensor: object) -> CacheRole | None:
@@ -47,9 +54,9 @@ def role_of(tensor: object) -> CacheRole | None:
     return getattr(tensor, "_hae_role", None)
 
 
-def _static(tensor: torch.Tensor, role: CacheRole) -> torch.Tensor:
+def _static(tensor: torch.Tensor, kind: str, config: HAEConfig, layer: int | None = None) -> torch.Tensor:
     torch._dynamo.mark_static_address(tensor)
-    tensor._hae_role = role
+    tensor._hae_role = CacheRole(kind, layer, config)
     return tensor
 
 
@@ -70,8 +77,9 @@ class HAELayer(CacheLayerMixin):
     def allocate(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         capacity = self.cache.capacity
         shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = _static(torch.zeros(shape, dtype=dtype, device=device), CacheRole("keys", self.layer_idx))
-        self.values = _static(torch.zeros(shape, dtype=dtype, device=device), CacheRole("values", self.layer_idx))
+        config = self.cache.config
+        self.keys = _static(torch.zeros(shape, dtype=dtype, device=device), "keys", config, self.layer_idx)
+        self.values = _static(torch.zeros(shape, dtype=dtype, device=device), "values", config, self.layer_idx)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -97,7 +105,7 @@ class HAECache(Cache):
     """Fixed-capacity, evicting KV cache driven by an `HAEConfig` policy.
 
     Args:
-        config: the hae configuration (policy, capacity, sinks, window).
+        config: the hae configuration (policy, capacity and the policy's fields).
         num_layers: decoder layers that read the cache.
         batch: sequences per generate call; fixed for the life of the cache.
         kv_heads, head_dim: attention geometry of the decoder.
@@ -112,21 +120,28 @@ class HAECache(Cache):
         self.policy = get_policy(config.policy)
         self.capacity = config.capacity
         self.batch = batch
+        self.num_layers = num_layers
         device = torch.device(device)
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
+        slots = (batch, self.capacity)
         long = dict(dtype=torch.int64, device=device)
-        self.slot_pos = _static(torch.full((batch, self.capacity), -1, **long), CacheRole("slot_pos"))
-        self.score = _static(torch.zeros(batch, self.capacity, dtype=torch.float32, device=device),
-                             CacheRole("score"))
-        self.modality = _static(torch.zeros(batch, self.capacity, dtype=torch.int8, device=device),
-                                CacheRole("modality"))
-        self.seen = _static(torch.zeros(batch, **long), CacheRole("seen"))
-        self.step_slot = _static(torch.zeros(batch, **long), CacheRole("step_slot"))
-        self.prefill_keep = _static(torch.zeros(batch, self.capacity, **long), CacheRole("prefill_keep"))
+        small = dict(dtype=torch.int8, device=device)
+        self.slot_pos = _static(torch.full(slots, -1, **long), "slot_pos", config)
+        self.score = _static(torch.zeros(slots, dtype=torch.float32, device=device), "score", config)
+        self.modality = _static(torch.zeros(slots, **small), "modality", config)
+        self.in_bin = _static(torch.zeros(slots, **small), "in_bin", config)
+        self.seen = _static(torch.zeros(batch, **long), "seen", config)
+        self.step_slot = _static(torch.zeros(batch, **long), "step_slot", config)
+        self.prefill_keep = _static(torch.zeros(slots, **long), "prefill_keep", config)
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
         self.prompt_pos: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
+        self.prefill_kept_len = 0  # static number of prompt tokens the prefill writes (slots 0..K-1)
+        #: per sequence, the logical positions of the prompt's visual tokens (for `hae_fx.viz`, `hae_fx.report`)
+        self.prompt_visual_positions: list[list[int]] = [[] for _ in range(batch)]
+        #: per sequence, the positions the prefill kept (filled when the prefill ends; `hae_fx.viz` draws them)
+        self.prefill_kept: list[list[int]] = [[] for _ in range(batch)]
         self.prefilled = False
         self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
 
@@ -144,7 +159,7 @@ class HAECache(Cache):
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
-        meta = [self.slot_pos, self.score, self.modality, self.seen, self.step_slot, self.prefill_keep]
+        meta = [self.slot_pos, self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep]
         return kv + meta
 
     @property
@@ -178,11 +193,23 @@ class HAECache(Cache):
         if modality is None:
             modality = torch.zeros_like(self.prompt_pos, dtype=torch.int8)
         self.prompt_modality = modality.to(self.slot_pos.device, torch.int8)
+        visual = (self.prompt_modality == VISUAL) & (self.prompt_pos >= 0)
+        self.prompt_visual_positions = [row[mask].tolist() for row, mask in zip(self.prompt_pos.cpu(), visual.cpu(),
+                                                                                strict=True)]
+        real_tokens = (self.prompt_pos >= 0).sum(dim=-1).tolist()
+        visual_tokens = [len(positions) for positions in self.prompt_visual_positions]
+        self.prefill_kept_len = self.policy.prefill_kept_len(self.config, token_pos.shape[1], real_tokens,
+                                                             visual_tokens)
+        if self.policy.reads_prefill_attention and 0 in visual_tokens:
+            rows = [b for b, count in enumerate(visual_tokens) if count == 0]
+            log.info("hae: sequence(s) %s of the prompt have no visual tokens: Dual-Attention Pruning is skipped for "
+                     "them (nothing to prune); DDES still bounds their cache during decode", rows)
 
     def end_prefill(self) -> None:
         self.prefilled = True
         self.prompt_pos = self.prompt_modality = None
         self.tokens_seen = int(self.seen.amax())
+        self.prefill_kept = kept_positions(self)
 
     def begin_decode_step(self) -> None:
         """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
@@ -200,7 +227,7 @@ class HAECache(Cache):
             layer.keys.zero_()
             layer.values.zero_()
         self.slot_pos.fill_(-1)
-        for t in (self.score, self.modality, self.seen, self.step_slot, self.prefill_keep):
+        for t in (self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep):
             t.zero_()
         self.prefilled = False
         self.tokens_seen = 0
@@ -221,25 +248,48 @@ class HAECache(Cache):
             )
         return self._decode_write(layer_idx, key_states, value_states)
 
+    def slot_state(self) -> SlotState:
+        """The slot metadata, as the policies see it."""
+        return SlotState(slot_pos=self.slot_pos, score=self.score, modality=self.modality, in_bin=self.in_bin,
+                         seen=self.seen)
+
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
             raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
-        prompt_len = key_states.shape[2]
-        kept = min(prompt_len, self.capacity)
-        if layer_idx == 0:
-            self._plan_prefill(kept)
-        keep = self.prefill_keep[:, :kept]
-        gather_index = keep.view(self.batch, 1, kept, 1)
-        kept_keys = key_states.gather(2, gather_index.expand(-1, key_states.shape[1], -1, key_states.shape[3]))
-        kept_values = value_states.gather(
-            2, gather_index.expand(-1, value_states.shape[1], -1, value_states.shape[3]))
-        slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
+        kept = self.prefill_kept_len
         layer = self.layers[layer_idx]
-        torch.ops.hae.slot_write_(layer.keys, layer.values, kept_keys, kept_values, slots)
+        config = self.config
+        if self.policy.reads_prefill_attention:
+            if layer_idx == config.dap_layer:
+                self._emit_dap_plan(key_states)
+            if config.prune_hidden and layer_idx > config.dap_layer:
+                # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
+                if key_states.shape[2] != kept:
+                    raise RuntimeError(
+                        f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected the {kept} "
+                        "kept by DAP; prune_hidden needs the model transformed by hae_fx.transform"
+                    )
+                slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
+                torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
+                return key_states, value_states
+        elif layer_idx == 0:
+            self._plan_prefill(kept)
+        torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep, kept)
         return key_states, value_states
 
+    def _emit_dap_plan(self, key_states: torch.Tensor) -> None:
+        """Emit `hae::dap_plan_` without its query: the backend's DAP pass wires in layer `dap_layer`'s attention
+        query and scale and moves the node after that attention."""
+        config = self.config
+        max_visual_keep = NO_VISUAL_CAP if config.max_visual_keep is None else config.max_visual_keep
+        torch.ops.hae.dap_plan_(None, key_states, self.prompt_pos, self.prompt_modality, self.slot_pos, self.score,
+                                self.modality, self.in_bin, self.seen, self.prefill_keep, 0.0,
+                                self.prefill_kept_len, config.sinks, config.window, config.budget, config.r,
+                                config.alpha, max_visual_keep)
+
     def _plan_prefill(self, kept: int) -> None:
-        """Choose the prompt tokens to keep (`prefill_keep`) and fill the slot metadata accordingly."""
+        """Choose the prompt tokens to keep (`prefill_keep`) from the policy's priorities and fill the slot
+        metadata accordingly."""
         token_pos = self.prompt_pos
         priority = self.policy.prefill_priority(self.config, token_pos)
         keep = priority.topk(kept, dim=-1).indices.sort(dim=-1).values
@@ -251,6 +301,7 @@ class HAECache(Cache):
         self.modality.zero_()
         self.modality[:, :kept].copy_(self.prompt_modality.gather(1, keep))
         self.score.zero_()
+        self.in_bin.zero_()
         self.seen.copy_((token_pos.amax(dim=-1) + 1).clamp_min(0))
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -261,20 +312,25 @@ class HAECache(Cache):
         return layer.keys, layer.values
 
     def _plan_decode_step(self) -> None:
-        """Choose each sequence's slot for the new token (a free one, else the policy's victim)."""
-        free = self.slot_pos < 0
-        first_free = free.to(torch.int8).argmax(dim=-1)
-        victim = self.policy.decode_victim(self.config, self.slot_pos)
-        slot = torch.where(free.any(dim=-1), first_free, victim)
+        """Choose each sequence's slot for the new token (the policy's bookkeeping first, for `hae`) and
+        record the token in the slot metadata."""
+        slot = self.policy.decode_slot(self.config, self.slot_state())
         self.step_slot.copy_(slot)
         rows = torch.arange(self.batch, device=slot.device)
         self.slot_pos.index_put_((rows, slot), self.seen)
         self.score.index_put_((rows, slot), torch.zeros((), device=slot.device))
         self.modality.index_put_((rows, slot), torch.full((), TEXT, dtype=torch.int8, device=slot.device))
+        self.in_bin.index_put_((rows, slot), torch.zeros((), dtype=torch.int8, device=slot.device))
         self.seen.add_(1)
 
 
 def kept_positions(cache: HAECache) -> list[list[int]]:
     """Sorted logical positions each sequence holds now (a debugging and testing aid; syncs with the device)."""
     rows = cache.slot_pos.cpu().tolist()
+    return [sorted(p for p in row if p >= 0) for row in rows]
+
+
+def binned_positions(cache: HAECache) -> list[list[int]]:
+    """Sorted logical positions each sequence holds in the `hae` recycle bin now (syncs with the device)."""
+    rows = torch.where(cache.in_bin.bool(), cache.slot_pos, -1).cpu().tolist()
     return [sorted(p for p in row if p >= 0) for row in rows]

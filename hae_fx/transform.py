@@ -9,6 +9,8 @@ What it installs, on the model instance only (its class and weights are untouche
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
   compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
 - the language model's `forward`: compiled prefill while the cache is empty.
+- with `HAEConfig(policy="hae", prune_hidden=True)`, the forward of the decoder layers after `dap_layer`
+  (`hae_fx.pruning`): during prefill they compute on the tokens Dual-Attention Pruning kept.
 
 The vision tower stays eager during prefill, as under HF's own compile (its graphs break on data-dependent
 code); decode never runs it.
@@ -29,6 +31,8 @@ from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, family_of
+from hae_fx.policies import get_policy
+from hae_fx.pruning import install_hidden_pruning
 
 #: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
 PREFILL_SHAPES_PER_MODEL = 64
@@ -66,6 +70,7 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
+    _check_policy_fits_model(config, family, model)
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
     def backend_for(phase: str) -> Any:
@@ -130,12 +135,25 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         return eager_generate(*args, **kwargs)
 
+    if get_policy(config.policy).reads_prefill_attention and config.prune_hidden:
+        install_hidden_pruning(list(language_model.layers), config.dap_layer)
     language_model.forward = language_forward
     model.forward = forward
     model.generate = generate
     model.hae_config = config
     model.hae_graphs = graphs
     return model
+
+
+def _check_policy_fits_model(config: HAEConfig, family: ModelFamily, model: torch.nn.Module) -> None:
+    if not get_policy(config.policy).reads_prefill_attention:
+        return
+    depth = family.num_layers(model)
+    if config.dap_layer >= depth:
+        raise HAEConfigError(
+            f"HAEConfig.dap_layer={config.dap_layer} is beyond the model's depth: its text decoder has {depth} "
+            f"layers (0..{depth - 1}); choose a dap_layer in that range (the paper uses an early layer, e.g. 1)"
+        )
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ import torch
 from torch import fx
 
 from hae_fx.cache import CacheRole
+from hae_fx.config import HAEConfig
 from hae_fx.errors import HAESiteError
-from hae_fx.passes.sites import AttentionSite, find_attention_sites
+from hae_fx.passes.sites import AttentionSite, find_attention_sites, scale_of
 
 
 def is_hae_op(target: object) -> bool:
@@ -42,8 +43,9 @@ class RewriteReport:
 def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> RewriteReport:
     """Replace every attention over cache slots in `gm` with `hae::slot_attention` (in place).
 
-    Scores: each site adds its per-slot attention, divided by the number of sites, to the cache's `score`
-    buffer, so `score` accumulates attention averaged over layers and heads, summed over steps.
+    Scores: with `score_source="layers_mean"` (the default) each site adds its per-slot attention, divided by
+    the number of sites, to the cache's `score` buffer, so `score` accumulates attention averaged over layers
+    and heads, summed over steps; with `"dap_layer"` only layer `dap_layer`'s site adds, in full.
 
     Raises:
         HAESiteError: a cache K/V buffer is read by something that is neither a hae op nor a recognised
@@ -54,8 +56,9 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
     if sites:
         slot_pos = _placeholder(roles, "slot_pos")
         score = _placeholder(roles, "score")
+        weights = _score_weights(sites, roles[score].config)
         for site in sites:
-            _rewrite_site(graph, site, slot_pos, score, len(sites))
+            _rewrite_site(graph, site, slot_pos, score, weights.get(site.layer))
     _check_only_hae_ops_read_slots(graph, roles)
     graph.lint()
     gm.recompile()
@@ -72,15 +75,29 @@ def _placeholder(roles: dict[fx.Node, CacheRole], kind: str) -> fx.Node:
     )
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score: fx.Node, num_sites: int) -> None:
+def _score_weights(sites: list[AttentionSite], config: HAEConfig | None) -> dict[int, float]:
+    """Weight of each layer's per-slot attention in the score update (layers left out add nothing)."""
+    if config is not None and config.score_source == "dap_layer":
+        if not any(site.layer == config.dap_layer for site in sites):
+            raise HAESiteError(
+                f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
+                f"over cache slots is in layers {sorted({site.layer for site in sites})}"
+            )
+        return {config.dap_layer: 1.0}
+    return {site.layer: 1.0 / len(sites) for site in sites}
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score: fx.Node,
+                  score_weight: float | None) -> None:
     with graph.inserting_before(site.output):
         attention = graph.call_function(
             torch.ops.hae.slot_attention.default,
-            (site.query, site.keys, site.values, slot_pos, _scale_of(site)),
+            (site.query, site.keys, site.values, slot_pos, scale_of(site)),
         )
         out = graph.call_function(operator.getitem, (attention, 0))
         slot_weight = graph.call_function(operator.getitem, (attention, 1))
-        graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": 1.0 / num_sites})
+        if score_weight is not None:
+            graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": score_weight})
     out.meta.update(site.output.meta)
     site.output.replace_all_uses_with(out)
     leftover = _erase_unused(graph, site.owned)
@@ -103,20 +120,6 @@ def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
         for node in unused:
             graph.erase_node(node)
             remaining.remove(node)
-
-
-def _scale_of(site: AttentionSite) -> float:
-    if site.scale is not None:
-        return float(site.scale)
-    head_dim = _example(site.query).shape[-1]
-    return head_dim**-0.5
-
-
-def _example(node: fx.Node) -> torch.Tensor:
-    value = node.meta.get("example_value", node.meta.get("val"))
-    if value is None:
-        raise HAESiteError(f"node {node.name} carries no shape metadata; run the passes on a Dynamo or export graph")
-    return value
 
 
 def _check_only_hae_ops_read_slots(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> None:

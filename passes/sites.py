@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from hae_fx.cache import CacheRole
+from hae_fx.errors import HAESiteError
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 SDPA_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -170,3 +171,18 @@ def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionS
         return None
     return AttentionSite(layer=roles[keys].layer, form="eager", output=output, query=query, keys=keys,
                          values=values, scale=scale, owned=[output, *owned])
+
+
+def scale_of(site: AttentionSite) -> float:
+    """The site's softmax scale (`1/sqrt(head_dim)` when the model leaves it to the kernel)."""
+    if site.scale is not None:
+        return float(site.scale)
+    return example_value(site.query).shape[-1] ** -0.5
+
+
+def example_value(node: fx.Node) -> torch.Tensor:
+    """The example tensor Dynamo (`example_value`) or export (`val`) recorded for `node`."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if value is None:
+        raise HAESiteError(f"node {node.name} carries no shape metadata; run the passes on a Dynamo or export graph")
+    return value

@@ -21,7 +21,7 @@ def test_decode_graph_has_one_hae_attention_per_layer_and_never_recompiles(dynam
     assert "scaled_dot_product_attention" not in decode.op_counts
     (prefill,) = model.hae_graphs["prefill"]
     assert prefill.report.layers == ()
-    assert prefill.op_counts["hae.slot_write_"] == 3
+    assert prefill.op_counts["hae.prefill_write_"] == 3
 
     assert dynamo_counters["graph_break"] == {}
     assert dynamo_counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph

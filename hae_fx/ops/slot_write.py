@@ -30,3 +30,27 @@ def slot_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
 @slot_write_.register_fake
 def _(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
     return None
+
+
+def write_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 keep: torch.Tensor, kept_len: int) -> None:
+    """Slots `0..kept_len-1` take the tokens `keep[:, :kept_len]` of `k`, `v` (prompt indices), in place."""
+    batch, kv_heads, _, head_dim = k.shape
+    index = keep[:, :kept_len].view(batch, 1, kept_len, 1).expand(batch, kv_heads, kept_len, head_dim)
+    slots = torch.arange(kept_len, device=k.device).expand(batch, kept_len)
+    write_slots(k_cache, v_cache, k.gather(2, index), v.gather(2, index), slots)
+
+
+@torch.library.custom_op("hae::prefill_write_", mutates_args=("k_cache", "v_cache"))
+def prefill_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   keep: torch.Tensor, kept_len: int) -> None:
+    """Write the prompt tokens a policy kept into the first slots: slot `i` takes token `keep[b, i]` of `k`, `v`
+    (`[B, Hkv, T, D]`) for `i < kept_len`. One op per layer, so the DAP pass can defer a layer's write as a whole
+    until the keep set (`keep`, an `HAECache.prefill_keep` buffer) is decided."""
+    write_prefix(k_cache, v_cache, k, v, keep, kept_len)
+
+
+@prefill_write_.register_fake
+def _(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+      kept_len: int) -> None:
+    return None

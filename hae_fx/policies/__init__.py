@@ -6,8 +6,9 @@ prefill, and which slot a new decode token overwrites when the cache is full. Re
 """
 
 from hae_fx.errors import HAEConfigError
-from hae_fx.policies.base import Policy
+from hae_fx.policies.base import Policy, SlotState
 from hae_fx.policies.full import FullPolicy
+from hae_fx.policies.hae import HAEPolicy
 from hae_fx.policies.streaming import StreamingPolicy
 
 _POLICIES: dict[str, Policy] = {}
@@ -37,5 +38,6 @@ def available() -> list[str]:
 
 register_policy(FullPolicy())
 register_policy(StreamingPolicy())
+register_policy(HAEPolicy())
 
-__all__ = ["Policy", "available", "get_policy", "register_policy"]
+__all__ = ["Policy", "SlotState", "available", "get_policy", "register_policy"]

@@ -1,12 +1,13 @@
 """The interface every eviction policy implements.
 
-Both decisions are pure tensor functions with static shapes: no `.item()`, no boolean indexing, no
+Every decision is a pure tensor function with static shapes: no `.item()`, no boolean indexing, no
 data-dependent sizes. They run inside the compiled prefill and decode graphs, so whatever they compute must
 keep CUDA graphs possible.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,16 +21,39 @@ MUST_KEEP = 1e30
 NEVER_KEEP = float("-inf")
 
 
+@dataclass(frozen=True)
+class SlotState:
+    """The slot metadata of an `HAECache` (all `[B, C]` but `seen`), shared by every layer.
+
+    Attributes:
+        slot_pos: logical position held by each slot, -1 when free.
+        score: accumulated attention of each slot.
+        modality: `TEXT` (0) or `VISUAL` (1).
+        in_bin: 1 for slots in `hae`'s recycle bin (evicted, still attended), else 0.
+        seen: `[B]` tokens each sequence has seen: the position of its next token.
+    """
+
+    slot_pos: torch.Tensor
+    score: torch.Tensor
+    modality: torch.Tensor
+    in_bin: torch.Tensor
+    seen: torch.Tensor
+
+
 class Policy:
     """Decides which tokens a fixed-capacity cache keeps.
 
     Attributes:
         name: the `HAEConfig.policy` value that selects this policy.
         evicts: whether the policy ever drops a token. Non-evicting policies need capacity for every token.
+        reads_prefill_attention: whether the prefill decision needs a layer's attention. Such a policy is
+            planned by `hae::dap_plan_`, which the backend's DAP pass places after that layer's attention;
+            the others are planned from `prefill_priority` before the first layer.
     """
 
     name: str = ""
     evicts: bool = True
+    reads_prefill_attention: bool = False
 
     def validate(self, config: HAEConfig) -> None:
         """Raise `HAEConfigError` if `config` cannot work with this policy."""
@@ -42,6 +66,16 @@ class Policy:
                 "raise capacity or lower sinks/window"
             )
 
+    def prefill_kept_len(self, config: HAEConfig, prompt_len: int, real_tokens: list[int],
+                         visual_tokens: list[int]) -> int:
+        """Static number of prompt tokens the prefill keeps room for (slots `0..K-1`).
+
+        Args:
+            prompt_len: `T`, the padded prompt length.
+            real_tokens, visual_tokens: per sequence, its non-padding and its visual token counts.
+        """
+        return min(prompt_len, config.capacity)
+
     def prefill_priority(self, config: HAEConfig, token_pos: torch.Tensor) -> torch.Tensor:
         """Priority of each prompt token for a place in the cache after prefill.
 
@@ -49,9 +83,19 @@ class Policy:
             token_pos: `[B, T]` logical position of each prompt token, -1 for padding.
 
         Returns:
-            `[B, T]` float priorities; the `min(T, capacity)` highest are kept. Padding must get `NEVER_KEEP`.
+            `[B, T]` float priorities; the `prefill_kept_len` highest are kept. Padding must get `NEVER_KEEP`.
         """
         raise NotImplementedError
+
+    def decode_slot(self, config: HAEConfig, state: SlotState) -> torch.Tensor:
+        """The slot each sequence's new token takes: the first free one, else `decode_victim`'s.
+
+        Policies that keep their own bookkeeping between steps (the `hae` bin) override this and may update
+        `state` in place first. Returns `[B]` int64 slot indices.
+        """
+        free = state.slot_pos < 0
+        first_free = free.to(torch.int8).argmax(dim=-1)
+        return torch.where(free.any(dim=-1), first_free, self.decode_victim(config, state.slot_pos))
 
     def decode_victim(self, config: HAEConfig, slot_pos: torch.Tensor) -> torch.Tensor:
         """The slot a new token overwrites when no slot is free.

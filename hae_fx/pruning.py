@@ -1,0 +1,82 @@
+"""`prune_hidden`: after layer `dap_layer`, the decoder computes on the tokens DAP kept, FastV-style.
+
+`transform` wraps the forward of every decoder layer after `dap_layer`. During an `HAECache` prefill the wrapper
+gathers the layer's per-token inputs through the cache's `prefill_keep` (written by `hae::dap_plan_`, which the
+DAP pass places after layer `dap_layer`'s attention, so before these layers run):
+
+- the residual stream (first pruned layer only; later ones receive it already gathered);
+- RoPE's `(cos, sin)` and `position_ids`, so kept tokens keep their logical positions;
+- the attention mask, rebuilt over the kept positions (causal by position; padding slots see only themselves).
+
+Because the gather is ordinary traced code, Dynamo derives every later shape at the kept length: the graph of
+each later layer really is smaller. Outside a prefill (decode, or a model called without an `HAECache`) the
+wrapper passes its arguments through untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hae_fx.cache import HAECache
+
+
+def install_hidden_pruning(layers: list[torch.nn.Module], dap_layer: int) -> None:
+    """Wrap the forward of `layers[dap_layer + 1:]` (the decoder layers, in order) on their instances."""
+    for index in range(dap_layer + 1, len(layers)):
+        layer = layers[index]
+        layer.forward = _pruning_forward(layer.forward, first=index == dap_layer + 1)
+
+
+def _pruning_forward(forward: Callable[..., Any], *, first: bool) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def pruned(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, HAECache) or cache.prefilled:
+            return forward(hidden_states, *args, **kwargs)
+        if args:
+            raise TypeError("hae_fx prune_hidden expects decoder layers to receive everything but the hidden states "
+                            "as keyword arguments, as HF's decoders pass them")
+        keep = cache.prefill_keep[:, : cache.prefill_kept_len]
+        if first:
+            hidden_states = gather_tokens(hidden_states, keep)
+        return forward(hidden_states, **gather_layer_inputs(kwargs, keep, cache.slot_pos[:, : keep.shape[1]]))
+
+    return pruned
+
+
+def gather_tokens(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, keep[b, i]]` along dim 1 for a `[B or 1, T, ...]` tensor, broadcasting a batch of 1."""
+    batch, kept = keep.shape
+    tensor = tensor.expand(batch, *tensor.shape[1:])
+    index = keep.view(batch, kept, *([1] * (tensor.dim() - 2))).expand(batch, kept, *tensor.shape[2:])
+    return tensor.gather(1, index)
+
+
+def gather_layer_inputs(kwargs: dict[str, Any], keep: torch.Tensor, kept_pos: torch.Tensor) -> dict[str, Any]:
+    """The decoder-layer keyword arguments restricted to the kept tokens (`kept_pos`: their positions, -1 for
+    padding)."""
+    kwargs = dict(kwargs)
+    embeddings = kwargs.get("position_embeddings")
+    if embeddings is not None:
+        kwargs["position_embeddings"] = tuple(gather_tokens(part, keep) for part in embeddings)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = gather_tokens(kwargs["position_ids"], keep)
+    kwargs["attention_mask"] = kept_token_mask(kept_pos, kwargs.get("attention_mask"))
+    return kwargs
+
+
+def kept_token_mask(kept_pos: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """`[B, 1, K, K]` mask over the kept tokens: query `i` sees key `j` iff `j` is real and not after `i`, and a
+    padding query sees itself (so no softmax row is empty). Boolean like SDPA's masks, or additive (0 / dtype
+    min) when `like` is a floating-point mask, as HF's eager attention expects."""
+    real = kept_pos >= 0
+    allowed = real.unsqueeze(1) & (kept_pos.unsqueeze(1) <= kept_pos.unsqueeze(2))
+    allowed = allowed | torch.eye(kept_pos.shape[1], dtype=torch.bool, device=kept_pos.device)
+    allowed = allowed.unsqueeze(1)
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)

@@ -1,0 +1,84 @@
+"""`hae_fx.report(cache)`: what an `HAECache` holds now, per sequence, and what it saves against a full cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hae_fx.cache import VISUAL, HAECache
+
+
+@dataclass(frozen=True)
+class SequenceReport:
+    """One sequence of the batch.
+
+    Attributes:
+        tokens_seen: prompt plus generated tokens so far (what a full cache would hold).
+        kept_visual, kept_text: tokens in the cache by modality, bin included.
+        binned: tokens waiting in the recycle bin (evicted, still attended).
+        prompt_visual: visual tokens the prompt had; `kept_visual / prompt_visual` is what survived.
+    """
+
+    tokens_seen: int
+    kept_visual: int
+    kept_text: int
+    binned: int
+    prompt_visual: int
+
+    @property
+    def kept(self) -> int:
+        return self.kept_visual + self.kept_text
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """Per-sequence occupancy and the KV memory of the cache against a full cache of the same length.
+
+    Attributes:
+        policy, capacity, bin_size: from the cache's config.
+        sequences: one `SequenceReport` per sequence.
+        kv_bytes: bytes of the cache's K/V buffers (fixed at construction).
+        full_kv_bytes: bytes a full cache would need for the longest sequence seen so far.
+    """
+
+    policy: str
+    capacity: int
+    bin_size: int
+    sequences: tuple[SequenceReport, ...]
+    kv_bytes: int
+    full_kv_bytes: int
+
+    @property
+    def kv_saving(self) -> float:
+        """Fraction of a full cache's KV bytes this cache does not need (negative when it is larger)."""
+        return 1.0 - self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 0.0
+
+    def __str__(self) -> str:
+        bin_note = f", bin {self.bin_size}" if self.policy == "hae" else ""
+        lines = [f"HAECache policy={self.policy!r}, capacity {self.capacity} slots{bin_note}",
+                 "  seq  seen  kept  visual (of prompt)  text  in bin"]
+        for index, seq in enumerate(self.sequences):
+            lines.append(f"  {index:>3}  {seq.tokens_seen:>4}  {seq.kept:>4}  {seq.kept_visual:>6} "
+                         f"({seq.prompt_visual:>6})  {seq.kept_text:>4}  {seq.binned:>6}")
+        lines.append(f"  KV bytes {self.kv_bytes:,} vs full cache {self.full_kv_bytes:,} "
+                     f"({self.kv_saving:.1%} saved)")
+        return "\n".join(lines)
+
+
+def report(cache: HAECache) -> CacheReport:
+    """Describe `cache` now (reads its metadata back from the device once)."""
+    occupied = cache.slot_pos >= 0
+    visual = occupied & (cache.modality == VISUAL)
+    counts = torch.stack([visual.sum(-1), (occupied & ~visual).sum(-1), (occupied & (cache.in_bin != 0)).sum(-1),
+                          cache.seen], dim=-1).cpu().tolist()
+    sequences = tuple(
+        SequenceReport(tokens_seen=seen, kept_visual=kept_visual, kept_text=kept_text, binned=binned,
+                       prompt_visual=len(prompt_visual))
+        for (kept_visual, kept_text, binned, seen), prompt_visual in zip(counts, cache.prompt_visual_positions,
+                                                                          strict=True)
+    )
+    longest = max(seq.tokens_seen for seq in sequences)
+    return CacheReport(policy=cache.config.policy, capacity=cache.capacity, bin_size=cache.config.bin_size,
+                       sequences=sequences, kv_bytes=cache.kv_nbytes,
+                       full_kv_bytes=cache.kv_nbytes * longest // cache.capacity)
