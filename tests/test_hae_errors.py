@@ -7,8 +7,8 @@ import torch
 
 import hae_fx
 from hae_fx import HAEConfig, HAEConfigError, HAESiteError
-from hae_fx.models.llava import tiny_llava
 from hae_fx.modality import TEXT, VISUAL
+from hae_fx.models.llava import tiny_llava
 from hae_fx.ops.dap_plan import NO_VISUAL_CAP
 
 
