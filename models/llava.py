@@ -20,16 +20,17 @@ LLAVA = ModelFamily(
 
 
 def tiny_llava_config(*, text_layers: int = 2, image_size: int = 32, patch_size: int = 8, vocab_size: int = 256,
-                      attn_implementation: str = "sdpa", initializer_range: float = 0.02) -> LlavaConfig:
+                      attn_implementation: str = "sdpa", initializer_range: float = 0.02,
+                      kv_heads: int = 2) -> LlavaConfig:
     """A LLaVA config small enough for CPU tests: `(image_size / patch_size)^2` visual tokens per image
-    (16 by default; the CLS feature is dropped), grouped-query attention (4 query heads, 2 KV heads), and
+    (16 by default; the CLS feature is dropped), 4 query heads sharing `kv_heads` KV heads (grouped-query), and
     `vocab_size - 6` as the image token id. HF's default `initializer_range` (0.02) gives a random model almost
     uniform attention; about 0.2 spreads it out the way trained models do, so that eviction has real choices."""
     image_token_id = vocab_size - 6
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=1024,
+                       num_key_value_heads=kv_heads, vocab_size=vocab_size, max_position_embeddings=1024,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          vision_feature_select_strategy="default", vision_feature_layer=-2,

@@ -188,3 +188,18 @@ def test_prompt_without_image_skips_dap_with_a_log_line_and_ddes_still_bounds_th
     cache = out.past_key_values
     assert len(cache.prefill_kept[0]) == OVERFLOW.capacity - 1
     assert len(kept_positions(cache)[0]) <= OVERFLOW.capacity
+
+
+def test_bfloat16_multi_head_model_compiles_with_inductor():
+    """Half-precision K/V with as many KV heads as query heads (LLaVA-1.5's layout) through Inductor: the DAP
+    plan computes in float32 and its graph must lower like the rest; Inductor keeps the eager path's set."""
+    config = OVERFLOW.replace(prune_hidden=True, max_visual_keep=4, dap_layer=0)
+    reference, compiled = (
+        hae_fx.transform(model_for(9, text_layers=3, kv_heads=4).to(torch.bfloat16), config, options=options)
+        for options in ({"hae.compiler": "eager"}, None))
+    inputs = llava_inputs(compiled, 2, seed=9)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    expected = reference.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    got = compiled.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert got.past_key_values.layers[0].keys.dtype == torch.bfloat16
+    assert got.past_key_values.prefill_kept == expected.past_key_values.prefill_kept

@@ -71,8 +71,9 @@ def dap_scores(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, 
     """
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
-    logits = torch.matmul(grouped, key.transpose(-1, -2)).to(torch.float32) * scale
+    # in float32: the dual test compares shares of order 1e-3 against thresholds
+    grouped = query.to(torch.float32).reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
+    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
     logits = logits.view(batch, q_heads, length, length)
     valid = token_pos >= 0
     causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
