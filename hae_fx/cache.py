@@ -120,7 +120,6 @@ class HAECache(Cache):
         self.policy = get_policy(config.policy)
         self.capacity = config.capacity
         self.batch = batch
-        self.num_layers = num_layers
         device = torch.device(device)
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
@@ -229,6 +228,8 @@ class HAECache(Cache):
         self.slot_pos.fill_(-1)
         for t in (self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep):
             t.zero_()
+        self.prompt_visual_positions = [[] for _ in range(self.batch)]
+        self.prefill_kept = [[] for _ in range(self.batch)]
         self.prefilled = False
         self.tokens_seen = 0
 

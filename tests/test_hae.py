@@ -203,3 +203,21 @@ def test_bfloat16_multi_head_model_compiles_with_inductor():
     got = compiled.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert got.past_key_values.layers[0].keys.dtype == torch.bfloat16
     assert got.past_key_values.prefill_kept == expected.past_key_values.prefill_kept
+
+
+def test_two_image_prompt_matches_oracle():
+    """Both images' tokens are DAP candidates; the observation queries are the text after the second image."""
+    new_tokens, seed = 40, 10
+    model = hae_fx.transform(model_for(seed), OVERFLOW.replace(capacity=40, bin_size=8),
+                             options={"hae.compiler": "eager"})
+    image = [model.config.image_token_id] * 16
+    input_ids = torch.tensor([[1, 17, 18, *image, 30, 31, 32, *image, 40, 41, 42, 43, 44, 45]])
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values}
+    out, recorder = generate_recorded(model, model.hae_config, inputs, new_tokens)
+    oracle = oracle_for(model.hae_config, seed, inputs, new_tokens)
+    evicted = set(oracle.dap_evicted)
+    assert evicted & set(range(3, 19)) and evicted & set(range(22, 38)), "DAP must prune in both images"
+    assert [kept[0] for kept in recorder.kept] == oracle.kept
+    assert [binned[0] for binned in recorder.binned] == oracle.binned
+    assert out.sequences[0, input_ids.shape[1]:].tolist() == oracle.tokens
