@@ -59,7 +59,7 @@ def place_dap_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> DAPPl
         raise HAESiteError(f"{len(plans)} hae::dap_plan_ nodes in one graph; an HAECache plans its prefill once")
     plan = plans[0]
     writes = _prefill_writes(graph, roles)
-    layer = _plan_layer(plan, writes, roles)
+    layer = _plan_layer(plan, writes)
     site = _plan_attention(graph, plan, writes[layer], layer)
 
     deferred = [node for write_layer, node in sorted(writes.items()) if write_layer <= layer]
@@ -72,8 +72,8 @@ def place_dap_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> DAPPl
         anchor = node
     graph.lint()
     gm.recompile()
-    return DAPPlacement(layer=layer, form=site.form, deferred_layers=tuple(sorted(
-        write_layer for write_layer in writes if write_layer <= layer)))
+    deferred_layers = tuple(write_layer for write_layer in sorted(writes) if write_layer <= layer)
+    return DAPPlacement(layer=layer, form=site.form, deferred_layers=deferred_layers)
 
 
 def _prefill_writes(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, fx.Node]:
@@ -87,7 +87,7 @@ def _prefill_writes(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[in
     return writes
 
 
-def _plan_layer(plan: fx.Node, writes: dict[int, fx.Node], roles: dict[fx.Node, CacheRole]) -> int:
+def _plan_layer(plan: fx.Node, writes: dict[int, fx.Node]) -> int:
     key = plan.args[1]
     layers = [layer for layer, write in writes.items() if write.args[2] is key]
     if len(layers) != 1:

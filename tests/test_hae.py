@@ -228,3 +228,18 @@ def test_two_image_prompt_matches_oracle():
     assert [kept[0] for kept in recorder.kept] == oracle.kept
     assert [binned[0] for binned in recorder.binned] == oracle.binned
     assert out.sequences[0, input_ids.shape[1]:].tolist() == oracle.tokens
+
+
+def test_eager_attention_form_feeds_dap_like_sdpa():
+    """HF's matmul-softmax-matmul attention is found at `dap_layer` too, and decides the same keep set."""
+    seed = 11
+    kept = {}
+    for implementation in ("sdpa", "eager"):
+        model = hae_fx.transform(model_for(seed, attn_implementation=implementation), OVERFLOW,
+                                 options={"hae.compiler": "eager"})
+        out = model.generate(**llava_inputs(model, 2, seed=seed), max_new_tokens=20, do_sample=False,
+                             return_dict_in_generate=True)
+        (prefill,) = model.hae_graphs["prefill"]
+        assert prefill.dap.form == implementation
+        kept[implementation] = (out.past_key_values.prefill_kept, kept_positions(out.past_key_values))
+    assert kept["eager"] == kept["sdpa"]
