@@ -54,8 +54,8 @@ def llava7b_shaped(seed: int = 0) -> LlavaForConditionalGeneration:
 
 MODELS = {
     "tiny": dict(build=lambda: tiny_llava(seed=0, text_layers=4, initializer_range=0.2).to(DEVICE), suffix=40,
-                 new_tokens=128, capacity=32, bin_size=8, max_visual_keep=4),
-    "llava7b": dict(build=llava7b_shaped, suffix=40, new_tokens=128, capacity=448, bin_size=64,
+                 max_token_id=200, new_tokens=128, capacity=32, bin_size=8, max_visual_keep=4),
+    "llava7b": dict(build=llava7b_shaped, suffix=40, max_token_id=30000, new_tokens=128, capacity=448, bin_size=64,
                     max_visual_keep=192),
 }
 
@@ -73,7 +73,7 @@ def policy_config(name: str, spec: dict, prompt_len: int) -> hae_fx.HAEConfig:
 
 def prompt_inputs(model, spec: dict, batch: int) -> dict:
     generator = torch.Generator().manual_seed(0)
-    suffix = torch.randint(3, 30000 if spec is MODELS["llava7b"] else 200, (spec["suffix"],), generator=generator)
+    suffix = torch.randint(3, spec["max_token_id"], (spec["suffix"],), generator=generator)
     ids = llava_prompt(model.config, prefix=[1, 3, 4, 5, 6], suffix=suffix.tolist())
     image_size = model.config.vision_config.image_size
     pixels = torch.randn(batch, 3, image_size, image_size, generator=generator)
@@ -123,7 +123,7 @@ def run_policy(model_name: str, policy: str, batch: int, out: Path) -> dict:
     hae_fx.transform(model, config, mode="reduce-overhead" if DEVICE == "cuda" else None)
     result = {"model": model_name, "policy": policy, "batch": batch, "prompt_len": prompt_len,
               "visual_tokens": visual_token_count(model.config), "new_tokens": spec["new_tokens"],
-              "config": {k: v for k, v in vars(config).items()}}
+              "config": dict(vars(config))}
     out_cache = model.generate(**inputs, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                                return_dict_in_generate=True)
     result["first_generate_s_with_compile"] = time.perf_counter() - build_start
@@ -137,7 +137,7 @@ def run_policy(model_name: str, policy: str, batch: int, out: Path) -> dict:
     result["kv_bytes"] = report.kv_bytes
     result["report"] = str(report)
     result["prefill_kept_len"] = cache.prefill_kept_len
-    result["prefill_kept_visual"] = [sum(p in set(v) for p in kept) for kept, v in
+    result["prefill_kept_visual"] = [len(set(kept) & set(visual)) for kept, visual in
                                      zip(cache.prefill_kept, cache.prompt_visual_positions, strict=True)]
     records = model.hae_graphs["prefill"]
     result["prefill_tokens_per_layer"] = records[-1].tokens_per_layer if records else {}

@@ -29,11 +29,10 @@ from hae_fx.passes import (
     place_dap_plan,
     rewrite_attention,
 )
-from hae_fx.passes.sites import example_value
+from hae_fx.passes.sites import calls_op, example_value
 
-#: the ops that write prompt or new-token keys into a layer's cache (Dynamo records packets, export overloads)
-CACHE_WRITES = (torch.ops.hae.slot_write_, torch.ops.hae.slot_write_.default, torch.ops.hae.prefill_write_,
-                torch.ops.hae.prefill_write_.default)
+#: the ops that write prompt or new-token keys into a layer's cache
+CACHE_WRITES = (torch.ops.hae.slot_write_, torch.ops.hae.prefill_write_)
 
 log = logging.getLogger("hae_fx")
 
@@ -81,7 +80,7 @@ def _tokens_per_layer(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[
     """Read off each cache write: its keys argument is `[B, Hkv, tokens, D]`."""
     tokens = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in CACHE_WRITES:
+        if any(calls_op(node, op) for op in CACHE_WRITES):
             tokens[roles[node.args[0]].layer] = example_value(node.args[2]).shape[2]
     return dict(sorted(tokens.items()))
 

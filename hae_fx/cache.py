@@ -32,6 +32,7 @@ from hae_fx.errors import HAECapacityError
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.ops.dap_plan import NO_VISUAL_CAP
 from hae_fx.policies import SlotState, get_policy
+from hae_fx.policies.base import fill_prefix
 
 log = logging.getLogger("hae_fx")
 
@@ -192,10 +193,11 @@ class HAECache(Cache):
         if modality is None:
             modality = torch.zeros_like(self.prompt_pos, dtype=torch.int8)
         self.prompt_modality = modality.to(self.slot_pos.device, torch.int8)
-        visual = (self.prompt_modality == VISUAL) & (self.prompt_pos >= 0)
-        self.prompt_visual_positions = [row[mask].tolist() for row, mask in zip(self.prompt_pos.cpu(), visual.cpu(),
-                                                                                strict=True)]
-        real_tokens = (self.prompt_pos >= 0).sum(dim=-1).tolist()
+        token_pos_host, modality_host = torch.stack([self.prompt_pos, self.prompt_modality.long()]).cpu()  # one sync
+        real = token_pos_host >= 0
+        visual = real & (modality_host == VISUAL)
+        self.prompt_visual_positions = [row[mask].tolist() for row, mask in zip(token_pos_host, visual, strict=True)]
+        real_tokens = real.sum(dim=-1).tolist()
         visual_tokens = [len(positions) for positions in self.prompt_visual_positions]
         self.prefill_kept_len = self.policy.prefill_kept_len(self.config, token_pos.shape[1], real_tokens,
                                                              visual_tokens)
@@ -297,10 +299,8 @@ class HAECache(Cache):
         kept_pos = token_pos.gather(1, keep)
         kept_valid = priority.gather(1, keep) > float("-inf")
         self.prefill_keep[:, :kept].copy_(keep)
-        self.slot_pos.fill_(-1)
-        self.slot_pos[:, :kept].copy_(torch.where(kept_valid, kept_pos, -1))
-        self.modality.zero_()
-        self.modality[:, :kept].copy_(self.prompt_modality.gather(1, keep))
+        fill_prefix(self.slot_pos, torch.where(kept_valid, kept_pos, -1), -1)
+        fill_prefix(self.modality, self.prompt_modality.gather(1, keep), TEXT)
         self.score.zero_()
         self.in_bin.zero_()
         self.seen.copy_((token_pos.amax(dim=-1) + 1).clamp_min(0))
@@ -327,11 +327,13 @@ class HAECache(Cache):
 
 def kept_positions(cache: HAECache) -> list[list[int]]:
     """Sorted logical positions each sequence holds now (a debugging and testing aid; syncs with the device)."""
-    rows = cache.slot_pos.cpu().tolist()
-    return [sorted(p for p in row if p >= 0) for row in rows]
+    return _sorted_positions(cache.slot_pos)
 
 
 def binned_positions(cache: HAECache) -> list[list[int]]:
     """Sorted logical positions each sequence holds in the `hae` recycle bin now (syncs with the device)."""
-    rows = torch.where(cache.in_bin.bool(), cache.slot_pos, -1).cpu().tolist()
-    return [sorted(p for p in row if p >= 0) for row in rows]
+    return _sorted_positions(torch.where(cache.in_bin.bool(), cache.slot_pos, -1))
+
+
+def _sorted_positions(slot_pos: torch.Tensor) -> list[list[int]]:
+    return [sorted(p for p in row if p >= 0) for row in slot_pos.cpu().tolist()]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hae_fx.cache import HAECache
+from hae_fx.cache import HAECache, kept_positions
 
 
 def kept_patch_mask(cache: HAECache, *, sequence: int = 0, image_index: int = 0, grid: int | None = None,
@@ -38,8 +38,6 @@ def kept_patch_mask(cache: HAECache, *, sequence: int = 0, image_index: int = 0,
     if len(visual) < (image_index + 1) * per_image:
         raise ValueError(f"sequence {sequence} has {len(visual) // per_image} image(s) of {grid}x{grid} patches; "
                          f"image_index={image_index} does not exist")
-    from hae_fx.cache import kept_positions
-
     kept = set(cache.prefill_kept[sequence] if after_prefill else kept_positions(cache)[sequence])
     image_positions = visual[image_index * per_image:(image_index + 1) * per_image]
     return torch.tensor([p in kept for p in image_positions]).view(grid, grid)

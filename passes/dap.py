@@ -23,11 +23,8 @@ from torch import fx
 
 from hae_fx.cache import CacheRole
 from hae_fx.errors import HAESiteError
-from hae_fx.passes.sites import AttentionSite, find_attention_sites, scale_of
+from hae_fx.passes.sites import AttentionSite, calls_op, find_attention_sites, scale_of
 
-#: call targets of the two ops, as Dynamo (packet) and export (overload) graphs record them
-DAP_PLAN = (torch.ops.hae.dap_plan_, torch.ops.hae.dap_plan_.default)
-PREFILL_WRITE = (torch.ops.hae.prefill_write_, torch.ops.hae.prefill_write_.default)
 _PLAN_WRITES = ("slot_pos", "score", "modality", "in_bin", "seen", "prefill_keep")
 
 
@@ -52,7 +49,7 @@ def place_dap_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> DAPPl
             before its new place.
     """
     graph = gm.graph
-    plans = [n for n in graph.nodes if n.op == "call_function" and n.target in DAP_PLAN]
+    plans = [n for n in graph.nodes if calls_op(n, torch.ops.hae.dap_plan_)]
     if not plans:
         return None
     if len(plans) > 1:
@@ -79,7 +76,7 @@ def place_dap_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> DAPPl
 def _prefill_writes(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, fx.Node]:
     writes: dict[int, fx.Node] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in PREFILL_WRITE:
+        if calls_op(node, torch.ops.hae.prefill_write_):
             role = roles.get(node.args[0])
             if role is None or role.kind != "keys":
                 raise HAESiteError(f"{node.format_node()} does not write an HAECache key buffer")

@@ -67,6 +67,14 @@ class AttentionSite:
     owned: list[fx.Node] = field(default_factory=list)
 
 
+def calls_op(node: fx.Node, packet: torch._ops.OpOverloadPacket) -> bool:
+    """Whether `node` calls the op `packet`: Dynamo graphs record the packet, export graphs an overload of it."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    return target is packet or getattr(target, "overloadpacket", None) is packet
+
+
 def is_pass_through(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _PASS_THROUGH_METHODS

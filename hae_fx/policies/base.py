@@ -40,6 +40,18 @@ class SlotState:
     seen: torch.Tensor
 
 
+def fill_prefix(buffer: torch.Tensor, prefix: torch.Tensor, rest: float) -> None:
+    """In place: `buffer[:, :K] = prefix` (`[B, K]`) and `rest` in the other slots: slot metadata after a prefill,
+    whose kept tokens occupy the first slots."""
+    buffer.fill_(rest)
+    buffer[:, : prefix.shape[1]].copy_(prefix)
+
+
+def first_free_slot(slot_pos: torch.Tensor) -> torch.Tensor:
+    """`[B]` index of each row's first free slot (`slot_pos < 0`); 0 for a row without one."""
+    return (slot_pos < 0).to(torch.int8).argmax(dim=-1)
+
+
 class Policy:
     """Decides which tokens a fixed-capacity cache keeps.
 
@@ -93,9 +105,8 @@ class Policy:
         Policies that keep their own bookkeeping between steps (the `hae` bin) override this and may update
         `state` in place first. Returns `[B]` int64 slot indices.
         """
-        free = state.slot_pos < 0
-        first_free = free.to(torch.int8).argmax(dim=-1)
-        return torch.where(free.any(dim=-1), first_free, self.decode_victim(config, state.slot_pos))
+        has_free = (state.slot_pos < 0).any(dim=-1)
+        return torch.where(has_free, first_free_slot(state.slot_pos), self.decode_victim(config, state.slot_pos))
 
     def decode_victim(self, config: HAEConfig, slot_pos: torch.Tensor) -> torch.Tensor:
         """The slot a new token overwrites when no slot is free.

@@ -13,7 +13,7 @@ import torch
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAEConfigError
 from hae_fx.modality import TEXT, VISUAL
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, SlotState
+from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, SlotState, fill_prefix, first_free_slot
 
 
 class HAEPolicy(Policy):
@@ -50,7 +50,7 @@ class HAEPolicy(Policy):
 
     def decode_slot(self, config: HAEConfig, state: SlotState) -> torch.Tensor:
         ddes_maintain(config, state)
-        return (state.slot_pos < 0).to(torch.int8).argmax(dim=-1)
+        return first_free_slot(state.slot_pos)  # DDES always leaves one
 
 
 # -- prefill: Dual-Attention Pruning ---------------------------------------------------------------------------
@@ -122,16 +122,11 @@ def plan_prefill(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor
     kept = kept_pos >= 0
 
     prefill_keep[:, :kept_len].copy_(keep)
-    _fill_prefix(state.slot_pos, kept_pos, -1)
-    _fill_prefix(state.modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(state.modality.dtype), 0)
-    _fill_prefix(state.score, torch.where(kept, total.gather(1, keep), 0.0), 0)
-    _fill_prefix(state.in_bin, ranked_in_bin.gather(1, order).to(state.in_bin.dtype), 0)
+    fill_prefix(state.slot_pos, kept_pos, -1)
+    fill_prefix(state.modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(state.modality.dtype), 0)
+    fill_prefix(state.score, torch.where(kept, total.gather(1, keep), 0.0), 0)
+    fill_prefix(state.in_bin, ranked_in_bin.gather(1, order).to(state.in_bin.dtype), 0)
     state.seen.copy_(seen.squeeze(-1))
-
-
-def _fill_prefix(buffer: torch.Tensor, prefix: torch.Tensor, rest: float) -> None:
-    buffer.fill_(rest)
-    buffer[:, : prefix.shape[1]].copy_(prefix)
 
 
 def _descending_rank(values: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
