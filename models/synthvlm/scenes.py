@@ -31,7 +31,10 @@ QUESTION_KINDS: tuple[str, ...] = ("colour_at", "shape_at", "locate", "count", "
 
 DEFAULT_GRID_SIZE = 4
 DEFAULT_IMAGE_SIZE = 96
+DEFAULT_MAX_OBJECTS = 12
 DESCRIBE_QUESTION = "describe every shape in reading order ."
+WORDS_PER_DESCRIBED_OBJECT = 7  # "row R column C <colour> <shape> ."
+LONGEST_SHORT_ANSWER = 4  # "row R column C"; every other short answer is one word
 EMPTY_ANSWER = "nothing"
 
 # Parser thresholds: palette colours have max-min channel spread >= 130, the texture has spread 0.
@@ -77,7 +80,7 @@ def random_scene(
     grid_size: int = DEFAULT_GRID_SIZE,
     fill_prob: float = 0.55,
     min_objects: int = 6,
-    max_objects: int = 12,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
 ) -> Scene:
     """A seeded random scene: object count ~ Binomial(cells, fill_prob) clipped to [min_objects, max_objects].
 

@@ -1,0 +1,102 @@
+"""Answer held-out questions with any SynthVLM (plain HF or hae_fx-transformed) and score the answers.
+
+Scoring:
+- short questions (`colour_at`, `shape_at`, `locate`, `count`, `exists`): exact match of the normalised answer.
+- `describe`: the share of shapes described correctly, `|said ∩ true| / max(|said|, |true|)` over
+  `(cell, colour, shape)` clauses, so a missing object and an invented one both cost.
+- overall: the mean of the per-kind accuracies (each kind weighs the same, whatever its sample size).
+
+Generation pads every batch to the same prompt width and batch size (repeating the last question, whose
+answer is then dropped), so a compiled model sees one prompt shape per question group and never recompiles.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hae_fx.models.synthvlm.data import Example, images, max_answer_tokens, prompt_batch
+from hae_fx.models.synthvlm.model import prompt_ids
+from hae_fx.models.synthvlm.tokenizer import WordTokenizer, normalise
+
+_CLAUSE = re.compile(r"row (\d+) column (\d+) (\w+) (\w+)")
+
+
+def prompt_width(tokenizer: WordTokenizer, examples: Sequence[Example]) -> int:
+    return max(len(prompt_ids(tokenizer, e.question)) for e in examples)
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer: WordTokenizer, examples: Sequence[Example], *,
+                     batch_size: int = 32, max_new_tokens: int | None = None, width: int | None = None,
+                     on_batch: Callable[[Sequence[Example], object], None] | None = None) -> list[str]:
+    """Greedy answers to `examples`, in order.
+
+    Args:
+        max_new_tokens: default: the longest answer the examples' kinds can have, plus `<eos>`.
+        width: prompt width every batch is left-padded to; default: the longest prompt among `examples`.
+        on_batch: called with each batch's examples and `generate`'s output (e.g. to read its cache).
+    """
+    if not examples:
+        return []
+    max_new_tokens = max_answer_tokens({e.kind for e in examples}) if max_new_tokens is None else max_new_tokens
+    width = prompt_width(tokenizer, examples) if width is None else width
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        inputs = prompt_batch(tokenizer, padded, width=width, pixels=images(padded))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             return_dict_in_generate=True)
+        if on_batch is not None:
+            on_batch(chunk, out)
+        for row in out.sequences[: len(chunk), width:].tolist():
+            answers.append(tokenizer.decode(row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row))
+    return answers
+
+
+def described_objects(text: str) -> set[tuple[tuple[int, int], str, str]]:
+    """`((row, col), colour, shape)` for every "row R column C colour shape" clause of a description (0-based)."""
+    return {((int(r) - 1, int(c) - 1), colour, shape) for r, c, colour, shape in _CLAUSE.findall(normalise(text))}
+
+
+def score(example: Example, answer: str) -> float:
+    """1.0/0.0 for short questions; the share of shapes described correctly for `describe` (module docstring)."""
+    if example.kind != "describe":
+        return float(normalise(answer) == normalise(example.answer))
+    truth = {(cell, c, s) for cell, (c, s) in example.scene.objects.items()}
+    said = described_objects(answer)
+    return len(truth & said) / max(len(truth), len(said), 1)
+
+
+def accuracy_by_kind(examples: Sequence[Example], answers: Sequence[str]) -> dict[str, float]:
+    """Per-kind accuracy, plus `"overall"`: their unweighted mean."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for example, answer in zip(examples, answers, strict=True):
+        scores[example.kind].append(score(example, answer))
+    result = {kind: sum(values) / len(values) for kind, values in scores.items()}
+    result["overall"] = sum(result.values()) / len(result)
+    return result
+
+
+def evaluate(model: torch.nn.Module, tokenizer: WordTokenizer, examples: Sequence[Example], *,
+             batch_size: int = 32) -> dict[str, float]:
+    """`accuracy_by_kind` of greedy answers; short questions and descriptions run as separate groups."""
+    answers: dict[int, str] = {}
+    for group in _groups(examples):
+        indices = [i for i, e in enumerate(examples) if (e.kind == "describe") == group]
+        chunk = [examples[i] for i in indices]
+        answers.update(zip(indices, generate_answers(model, tokenizer, chunk, batch_size=batch_size), strict=True))
+    return accuracy_by_kind(examples, [answers[i] for i in range(len(examples))])
+
+
+def _groups(examples: Sequence[Example]) -> list[bool]:
+    """Which groups are present: False for short questions, True for descriptions."""
+    return sorted({e.kind == "describe" for e in examples})
