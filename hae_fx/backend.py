@@ -11,14 +11,17 @@ Options (besides Inductor's own config keys):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
 from hae_fx.cache import CacheRole
@@ -119,6 +122,28 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
+    patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
     patches.update(inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class _SourceKey(CustomGraphPass):
+    """A no-op graph pass whose cache key is a hash of hae_fx's op and policy sources.
+
+    Why: the hae ops reach Inductor as single calls and are decomposed during lowering, so Inductor's on-disk
+    graph cache keys them by name only. Without this, code compiled by an older hae_fx (another eviction rule
+    in `plan_prefill`, say) would be reused after an upgrade.
+    """
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return _source_hash()
+
+
+@functools.cache
+def _source_hash() -> bytes:
+    package = Path(__file__).parent
+    return get_hash_for_files(tuple(str(p) for p in sorted(package.rglob("*.py"))))
 

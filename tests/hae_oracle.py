@@ -100,9 +100,9 @@ def dap_plan(mean_attention: torch.Tensor, visual: list[bool], *, capacity: int,
         ranked = sorted(survivors, key=lambda j: (-s0[j], j))
         evicted.update(ranked[max_visual_keep:])
 
-    # The capacity rule: protected first, then S0 highest first; keep the first capacity - 1.
+    # The capacity rule: protected first, then text, then visual, S0 highest first within each; keep capacity - 1.
     survivors = [j for j in range(prompt_len) if j not in evicted]
-    ranked = sorted(survivors, key=lambda j: (j not in protected, -s0[j], j))
+    ranked = sorted(survivors, key=lambda j: (j not in protected, visual[j], -s0[j], j))
     kept = ranked[:capacity - 1]
     budget = capacity - bin_size
     return DAPPlan(active=set(kept[:budget]), binned=set(kept[budget:]), scores=dict(enumerate(s0)),

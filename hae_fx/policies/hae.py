@@ -112,7 +112,10 @@ def plan_prefill(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor
         evicted = evicted | (eligible & (_descending_rank(total, eligible) >= max_visual_keep))
     survivor = valid & ~evicted
 
-    priority = torch.where(protected, MUST_KEEP, torch.where(survivor, total, NEVER_KEEP))
+    # Tiers: protected, then text (DAP prunes images, not the prompt's words), then visual; by S0 within a tier.
+    text_tier = torch.where(valid, total, 0.0).amax(dim=-1, keepdim=True) + 1.0
+    ranked_score = torch.where(visual, total, total + text_tier)
+    priority = torch.where(protected, MUST_KEEP, torch.where(survivor, ranked_score, NEVER_KEEP))
     ranked_priority, ranked = priority.topk(kept_len, dim=-1)  # highest first: the first `budget` are active
     ranked_valid = ranked_priority > NEVER_KEEP
     ranked_in_bin = ranked_valid & (torch.arange(kept_len, device=ranked.device) >= budget)

@@ -7,7 +7,7 @@ Scenes come from two disjoint seed streams: `TRAIN` for training, `HELD_OUT` for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +61,7 @@ def images(examples: Sequence[Example]) -> np.ndarray:
     return np.stack([np.asarray(render(e.scene)) for e in examples])
 
 
-def max_answer_tokens(kinds: Sequence[str]) -> int:
+def max_answer_tokens(kinds: Collection[str]) -> int:
     """Tokens (with `<eos>`) the longest answer of these kinds takes on default scenes: `max_new_tokens`."""
     longest = WORDS_PER_DESCRIBED_OBJECT * DEFAULT_MAX_OBJECTS if "describe" in kinds else LONGEST_SHORT_ANSWER
     return longest + 1

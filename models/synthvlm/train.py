@@ -45,11 +45,14 @@ class QuestionStream(torch.utils.data.IterableDataset):
     """Endless training batches: random pool scenes, random question kinds, tokenised and padded.
 
     Runs in DataLoader worker processes (question generation is Python-bound), each on its own seed stream.
-    Yields the batch tensors plus `indices`, the pool rows whose images the batch shows.
+    Yields the batch tensors plus `indices`, the pool rows whose images the batch shows, and `position_ids`
+    (every token keeps its position, also when patch dropout hides some visual tokens).
     """
 
-    def __init__(self, pool_size: int, batch_size: int, seed: int, kind_weights: Sequence[float]) -> None:
+    def __init__(self, pool_size: int, batch_size: int, seed: int, kind_weights: Sequence[float],
+                 patch_dropout: float = 0.0) -> None:
         self.pool_size, self.batch_size, self.seed = pool_size, batch_size, seed
+        self.patch_dropout = patch_dropout
         self.kind_probabilities = np.asarray(kind_weights, dtype=float) / sum(kind_weights)
         self.tokenizer = WordTokenizer()
 
@@ -61,7 +64,30 @@ class QuestionStream(torch.utils.data.IterableDataset):
             kinds = rng.choice(len(QUESTION_KINDS), size=self.batch_size, p=self.kind_probabilities)
             questions = [make_question(scene_for(TRAIN, int(i)), QUESTION_KINDS[k], rng)
                          for i, k in zip(indices, kinds, strict=True)]
-            yield {**training_batch(self.tokenizer, questions), "indices": torch.from_numpy(indices)}
+            batch = training_batch(self.tokenizer, questions)
+            hide_visual_tokens(batch["attention_mask"], batch["input_ids"] == self.tokenizer.image_id,
+                               self.patch_dropout, rng)
+            positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+            yield {**batch, "position_ids": positions, "indices": torch.from_numpy(indices)}
+
+
+def hide_visual_tokens(attention_mask: torch.Tensor, visual: torch.Tensor, max_fraction: float,
+                       rng: np.random.Generator) -> None:
+    """Patch dropout, in place: in 3 of 4 sequences, mask a random `U(0, max_fraction)` share of visual tokens.
+
+    Why: a small model trained on every patch learns computations that break when any visual token is missing
+    (counting by how thin attention spreads, reading order by walking past empty cells). Large VLMs are robust
+    to dropping redundant visual tokens, which is what every KV eviction policy relies on; random, policy-blind
+    dropout gives the yardstick model that robustness without favouring any policy's choice of tokens.
+    """
+    if max_fraction <= 0:
+        return
+    for row in range(attention_mask.shape[0]):
+        if rng.random() < 0.25:
+            continue
+        positions = visual[row].nonzero().flatten().numpy()
+        hidden = rng.choice(positions, size=int(rng.uniform(0, max_fraction) * len(positions)), replace=False)
+        attention_mask[row, torch.from_numpy(hidden)] = 0
 
 
 def per_question_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -107,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=40_000, help="training scenes rendered up front")
     parser.add_argument("--kind-weights", type=_weights, default=DEFAULT_KIND_WEIGHTS,
                         help=f"sampling weights of {','.join(QUESTION_KINDS)}, comma-separated")
+    parser.add_argument("--patch-dropout", type=float, default=0.6,
+                        help="most visual tokens hidden from a training sequence (hide_visual_tokens); 0 turns it off")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-questions", type=int, default=300, help="held-out questions per periodic check")
     parser.add_argument("--final-eval-questions", type=int, default=1200)
@@ -132,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = torch.from_numpy(render_pool(args.pool, args.workers)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.98))
-    stream = QuestionStream(args.pool, args.batch_size, args.seed, args.kind_weights)
+    stream = QuestionStream(args.pool, args.batch_size, args.seed, args.kind_weights, args.patch_dropout)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None,
                                                persistent_workers=args.workers > 0))
@@ -180,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _evaluate(model: torch.nn.Module, tokenizer: WordTokenizer, examples) -> dict[str, float]:
     model.eval()
     try:
-        return evaluate(model, tokenizer, examples, batch_size=100)
+        return evaluate(model, tokenizer, examples, batch_size=min(100, len(examples)))
     finally:
         model.train()
 

@@ -1,0 +1,71 @@
+"""`benchmarks/accuracy.py --quick` runs end to end on the shipped SynthVLM and writes what it promises.
+
+The sweep itself is the measurement (docs/benchmarks.md); this checks its bookkeeping: every registered policy
+appears (DAP policies in both `prune_hidden` modes) at every budget, budgets become the KV fractions reported,
+the files are written, and at 100% every policy answers like the full cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hae_fx.policies import available, get_policy
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy_module():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_variants_cover_every_policy(accuracy_module) -> None:
+    names = [v.name for v in accuracy_module.variants()]
+    for policy in available():
+        assert policy in names
+        assert (f"{policy}_prune" in names) == get_policy(policy).reads_prefill_attention
+
+
+def test_config_rule_is_valid_at_every_budget(accuracy_module) -> None:
+    for variant in accuracy_module.variants():
+        for capacity in (16, 24, 33, 95, 140, 237):
+            config = accuracy_module.config_for(variant, capacity)
+            assert config.capacity == capacity and config.prune_hidden == variant.prune_hidden
+
+
+def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        rows = accuracy_module.main(["--quick", "--questions", "24", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("accuracy.csv", "accuracy.md", "accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with (tmp_path / "accuracy.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+
+    expected = {(v.name, b) for v in accuracy_module.variants()
+                for b in (accuracy_module.QUICK_BUDGETS if v.evicts else (1.0,))}
+    assert {(r["policy"], float(r["budget"])) for r in table} == expected
+    by_key = {(r["policy"], float(r["budget"])): r for r in table}
+    full = by_key[("full", 1.0)]
+    assert float(full["overall"]) >= 0.95
+    for (name, budget), row in by_key.items():
+        assert float(row["kv_fraction"]) == pytest.approx(budget, abs=0.01)
+        assert 0.0 <= float(row["visual_kept_end"]) <= float(row["visual_kept_prefill"]) <= 1.0
+        if budget == 1.0:
+            assert row["overall"] == full["overall"], name  # nothing that matters is evicted at full size
+        else:
+            assert float(row["visual_kept_prefill"]) < 1.0  # a smaller cache really drops image tokens
