@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import hae_fx
-from hae_fx.models.synthvlm import QUESTION_KINDS
+from hae_fx.models.synthvlm import QUESTION_KINDS, WordTokenizer
 from hae_fx.models.synthvlm.data import Example, held_out, max_answer_tokens
 from hae_fx.models.synthvlm.evaluate import accuracy_by_kind, generate_answers, prompt_width
 from hae_fx.models.synthvlm.model import load
@@ -97,7 +97,8 @@ class Group:
         return max(1, round(budget * self.full_length))
 
 
-def groups_of(tokenizer: hae_fx.models.synthvlm.WordTokenizer, examples: Sequence[Example]) -> list[Group]:
+def groups_of(tokenizer: WordTokenizer, examples: Sequence[Example]) -> list[Group]:
+    """Short questions and descriptions, each as one group (a group is skipped when it has no question)."""
     out = []
     for name, is_describe in (("short", False), ("describe", True)):
         chosen = [e for e in examples if (e.kind == "describe") == is_describe]
@@ -152,8 +153,9 @@ class _CacheStats:
             self.visual_end.append(sequence.kept_visual / sequence.prompt_visual)
 
 
-def run(base: torch.nn.Module, tokenizer, variant: Variant, budget: float, groups: Sequence[Group], *,
+def run(base: torch.nn.Module, tokenizer: WordTokenizer, variant: Variant, budget: float, groups: Sequence[Group], *,
         batch_size: int, options: dict) -> Row:
+    """Answer every group's questions with a fresh copy of `base` transformed for `variant` at `budget`."""
     row, stats, answers, examples = Row(variant.name, budget), _CacheStats(), [], []
     start = time.perf_counter()
     for group in groups:
