@@ -1,9 +1,11 @@
-"""A synthetic vision-language task family with answers that are correct by construction.
+"""SynthVLM: a synthetic vision-language task family and a small LLaVA trained on it, the accuracy yardstick.
 
-Later work trains a small LLaVA on these scenes and uses its accuracy as a yardstick for KV-cache eviction:
-a question about a grid of coloured shapes can only be answered by attending to the right image tokens, and
-every answer can be checked exactly. This subpackage holds only the deterministic part: scene generation and
-rendering (`scenes`), and a closed-vocabulary word tokenizer (`tokenizer`). Nothing here needs torch.
+A question about a grid of coloured shapes can only be answered by attending to the right image tokens, and
+every answer can be checked exactly, so the trained model's accuracy under a KV budget measures what an eviction
+policy kept. Modules: `scenes` (generation, rendering, a pixel parser, questions), `tokenizer` (a closed
+word vocabulary), `model` (the architecture, `load()` of the shipped checkpoint), `data` (seeded question sets
+and batches), `evaluate` (generation and scoring), `train` (`python -m hae_fx.models.synthvlm.train`). This
+package namespace imports only the torch-free part.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Runs on CPU or GPU (bf16 autocast on CUDA). Scenes are rendered once into an in-
 seed stream (in parallel); every step draws new questions about pool scenes, so the model rarely sees the
 same (scene, question) pair twice. Progress, loss and held-out accuracy are logged; the result is saved with
 `save_pretrained` (safetensors) plus the tokenizer and `training.json` (arguments, loss curve, evaluations).
-The shipped checkpoint was trained on one H100 with the defaults; docs/benchmarks.md has the command.
+The shipped checkpoint was trained on one H100 in three runs, each continuing the last (`--init`);
+docs/benchmarks.md lists the commands.
 """
 
 from __future__ import annotations
