@@ -33,7 +33,7 @@ import torch
 import hae_fx
 from hae_fx.models.synthvlm import QUESTION_KINDS, WordTokenizer
 from hae_fx.models.synthvlm.data import Example, held_out, max_answer_tokens
-from hae_fx.models.synthvlm.evaluate import accuracy_by_kind, generate_answers, prompt_width
+from hae_fx.models.synthvlm.evaluate import accuracy_by_kind, generate_answers, prompt_width, question_groups
 from hae_fx.models.synthvlm.model import load
 from hae_fx.policies import available, get_policy
 
@@ -98,14 +98,9 @@ class Group:
 
 
 def groups_of(tokenizer: WordTokenizer, examples: Sequence[Example]) -> list[Group]:
-    """Short questions and descriptions, each as one group (a group is skipped when it has no question)."""
-    out = []
-    for name, is_describe in (("short", False), ("describe", True)):
-        chosen = [e for e in examples if (e.kind == "describe") == is_describe]
-        if chosen:
-            out.append(Group(name, chosen, prompt_width(tokenizer, chosen),
-                             max_answer_tokens({e.kind for e in chosen})))
-    return out
+    """`question_groups`, each with the prompt width and answer length its full cache is sized for."""
+    return [Group(name, group, prompt_width(tokenizer, group), max_answer_tokens({e.kind for e in group}))
+            for name, group in question_groups(examples).items()]
 
 
 @dataclass

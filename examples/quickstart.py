@@ -46,12 +46,12 @@ def main() -> None:
             answer = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
             cache = out.past_key_values
             verdict = "correct" if answer == example.answer else "WRONG"
-            saving = hae_fx.report(cache).kv_saving
-            note = f", {saving:.0%} less than a full cache of this prompt and answer" if name == "hae" else ""
+            summary = hae_fx.report(cache)
+            saved = f", {summary.kv_saving:.0%} less than a full cache of this prompt and answer"
+            note = saved if name == "hae" else ""
             print(f"   {name:<4} [{verdict}] {answer}\n        KV {cache.kv_nbytes / 1024:.0f} KiB{note}; "
                   f"{seconds:.1f} s (the first call of each prompt shape compiles)")
-        if example.kind == "describe":
-            summary = hae_fx.report(cache)
+        if example.kind == "describe":  # the last cache and summary are hae's
             print("\n".join(f"   {line}" for line in str(summary).splitlines()))
             kept_patches(render(example.scene), cache, "kept_patches.png")
             print("   kept_patches.png: the patches the hae cache kept after prefill (evicted ones dimmed)")

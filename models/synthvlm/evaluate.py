@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hae_fx.models.synthvlm.data import Example, images, max_answer_tokens, prompt_batch
+from hae_fx.models.synthvlm.data import Example, max_answer_tokens, prompt_batch
 from hae_fx.models.synthvlm.model import prompt_ids
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer, normalise
 
@@ -50,7 +50,7 @@ def generate_answers(model: torch.nn.Module, tokenizer: WordTokenizer, examples:
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        inputs = prompt_batch(tokenizer, padded, width=width, pixels=images(padded))
+        inputs = prompt_batch(tokenizer, padded, width=width)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -86,17 +86,20 @@ def accuracy_by_kind(examples: Sequence[Example], answers: Sequence[str]) -> dic
     return result
 
 
+def question_groups(examples: Sequence[Example]) -> dict[str, list[Example]]:
+    """`"short"` questions and `"describe"` questions, in order; each group is generated on its own, with one
+    prompt width and one `max_new_tokens` (an empty group is left out)."""
+    groups = {"short": [e for e in examples if e.kind != "describe"],
+              "describe": [e for e in examples if e.kind == "describe"]}
+    return {name: group for name, group in groups.items() if group}
+
+
 def evaluate(model: torch.nn.Module, tokenizer: WordTokenizer, examples: Sequence[Example], *,
              batch_size: int = 32) -> dict[str, float]:
-    """`accuracy_by_kind` of greedy answers; short questions and descriptions run as separate groups."""
-    answers: dict[int, str] = {}
-    for group in _groups(examples):
-        indices = [i for i, e in enumerate(examples) if (e.kind == "describe") == group]
-        chunk = [examples[i] for i in indices]
-        answers.update(zip(indices, generate_answers(model, tokenizer, chunk, batch_size=batch_size), strict=True))
-    return accuracy_by_kind(examples, [answers[i] for i in range(len(examples))])
-
-
-def _groups(examples: Sequence[Example]) -> list[bool]:
-    """Which groups are present: False for short questions, True for descriptions."""
-    return sorted({e.kind == "describe" for e in examples})
+    """`accuracy_by_kind` of greedy answers, each `question_groups` group generated on its own."""
+    scored: list[Example] = []
+    answers: list[str] = []
+    for group in question_groups(examples).values():
+        scored += group
+        answers += generate_answers(model, tokenizer, group, batch_size=batch_size)
+    return accuracy_by_kind(scored, answers)
