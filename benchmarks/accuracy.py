@@ -5,8 +5,8 @@
 
 Every policy registered in `hae_fx.policies` runs through `hae_fx.transform` (Dynamo capture and the hae graph
 passes; the rewritten graphs run on the ops' reference implementations unless `--compiler inductor`, which
-tests show keeps the same tokens) (a policy that reads prefill
-attention runs twice: KV-only and with `prune_hidden`). A policy that never evicts (`full`) runs at 100% only;
+tests show keeps the same tokens) (a policy with a `prune_hidden` field
+runs twice: KV-only and with it). A policy that never evicts (`full`) runs at 100% only;
 the others run at each budget, where a budget is a fraction of the full cache: `capacity = round(budget *
 (prompt width + max_new_tokens))`, per question group (short questions and descriptions are generated as two
 groups with their own prompt width and answer length). Sinks, window and bin scale with the capacity
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import platform
 import time
 from collections.abc import Sequence
@@ -31,11 +32,12 @@ from pathlib import Path
 import torch
 
 import hae_fx
+from hae_fx.config import PolicyConfig
 from hae_fx.models.synthvlm import QUESTION_KINDS, WordTokenizer
 from hae_fx.models.synthvlm.data import Example, held_out, max_answer_tokens
 from hae_fx.models.synthvlm.evaluate import accuracy_by_kind, generate_answers, prompt_width, question_groups
 from hae_fx.models.synthvlm.model import load
-from hae_fx.policies import available, get_policy
+from hae_fx.policies import available, config_class, policy_class
 
 BUDGETS = (1.0, 0.8, 0.59, 0.4, 0.2, 0.1)
 QUICK_BUDGETS = (1.0, 0.59, 0.2)
@@ -56,28 +58,35 @@ class Variant:
 
     @property
     def evicts(self) -> bool:
-        return get_policy(self.policy).evicts
+        return policy_class(self.policy).evicts
+
+
+def config_fields(policy: str) -> set[str]:
+    """The fields of `policy`'s config."""
+    return {f.name for f in dataclasses.fields(config_class(policy))}
 
 
 def variants() -> list[Variant]:
-    """Every registered policy; those that read prefill attention (DAP) in both `prune_hidden` modes."""
+    """Every registered policy; those with a `prune_hidden` field in both modes."""
     out = []
     for name in available():
         out.append(Variant(name))
-        if get_policy(name).reads_prefill_attention:
+        if "prune_hidden" in config_fields(name):
             out.append(Variant(name, prune_hidden=True))
     return out
 
 
-def config_for(variant: Variant, capacity: int) -> hae_fx.HAEConfig:
+def config_for(variant: Variant, capacity: int) -> PolicyConfig:
     """The configuration a variant runs with at `capacity` slots.
 
-    One rule for every policy: 4 sinks, a recent window of a quarter of the capacity (at most 16), and a
-    recycle bin of an eighth (at least 1), which policies without a bin ignore. DAP thresholds are the paper's.
+    One rule for every policy: 4 sinks, a recent window of a quarter of the capacity (at most 16), and, for
+    policies with a recycle bin, a bin of an eighth (at least 1). Every other field keeps its default (the
+    papers' values: DAP thresholds, SnapKV's pooling, ...).
     """
-    return hae_fx.HAEConfig(policy=variant.policy, capacity=capacity, sinks=SINKS,
-                            window=max(1, min(16, capacity // 4)), bin_size=max(1, capacity // 8),
-                            prune_hidden=variant.prune_hidden)
+    fields = dict(capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
+                  bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden)
+    known = config_fields(variant.policy)
+    return config_class(variant.policy)(**{name: value for name, value in fields.items() if name in known})
 
 
 @dataclass

@@ -9,8 +9,8 @@
 
 from hae_fx import ops  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
 from hae_fx.cache import HAECache
-from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.policies.hae import HAEConfig
 from hae_fx.report import CacheReport, report
 from hae_fx.transform import transform
 

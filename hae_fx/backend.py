@@ -26,10 +26,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
 from hae_fx.cache import CacheRole
 from hae_fx.passes import (
-    DAPPlacement,
+    PlanPlacement,
     RewriteReport,
     cache_roles_from_example_inputs,
-    place_dap_plan,
+    place_prefill_plan,
     rewrite_attention,
 )
 from hae_fx.passes.sites import calls_op, example_value
@@ -49,9 +49,10 @@ class GraphRecord:
 
     Attributes:
         report: the sites rewritten (None when the graph read no HAECache).
-        dap: where the `hae` prefill decision was placed (None for graphs without one).
+        dap: where the prefill plan of a policy that reads attention (e.g. `hae`'s Dual-Attention Pruning) was
+            placed (None for graphs without one).
         tokens_per_layer: decoder layer -> tokens whose keys the layer computes and writes to the cache (with
-            `prune_hidden`, layers after `dap_layer` compute on the kept tokens only).
+            hidden-state pruning, layers after the plan's layer compute on the kept tokens only).
         op_counts: call targets of the rewritten graph, by name, with their number of calls.
         code: the rewritten graph's Python code.
     """
@@ -59,7 +60,7 @@ class GraphRecord:
     report: RewriteReport | None
     op_counts: Counter
     code: str
-    dap: DAPPlacement | None = None
+    dap: PlanPlacement | None = None
     tokens_per_layer: dict[int, int] = field(default_factory=dict)
 
 
@@ -68,7 +69,7 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> GraphRecord:
     roles = cache_roles_from_example_inputs(gm.graph, example_inputs)
     report = dap = None
     if roles:
-        dap = place_dap_plan(gm, roles)
+        dap = place_prefill_plan(gm, roles)
         report = rewrite_attention(gm, roles)
         log.debug("hae: %s%s", report, f"; {dap}" if dap else "")
     else:

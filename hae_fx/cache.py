@@ -1,19 +1,12 @@
 """`HAECache`: an HF `Cache` whose memory is fixed at construction, whatever the prompt or generation length.
 
-Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata because
-hae policies broadcast one index set to every layer:
+Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata, which
+`hae_fx.slots.SlotBuffers` owns (names, allocation, reset, the prefill plan's arguments). Every tensor is
+allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs read them as
+fixed-address inputs that CUDA graphs can capture.
 
-- `slot_pos [B, C]` int64: logical position of the token in each slot, -1 for a free slot;
-- `score [B, C]` float32: attention the slot received (mean over heads and layers, summed over steps);
-- `modality [B, C]` int8: `TEXT` or `VISUAL`;
-- `in_bin [B, C]` int8: 1 for tokens in the `hae` policy's recycle bin (evicted, still attended);
-- `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position).
-
-Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
-read them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use
-to recognise cache tensors among a graph's inputs.
-
-The cache's `update` decides where new keys go (through the policy) and writes them with `hae::slot_write_`.
+The cache's `update` decides where new keys go (through the policy) and writes them with `hae::slot_write_`; the
+prefill's keep set comes from `hae::prefill_plan_`, the policy's decision as one graph node.
 It returns the fresh keys during prefill (prefill attends over the whole prompt, as HF does) and the slot
 buffers during decode, where the backend's passes rewrite the attention over them into `hae::slot_attention`.
 Driving it without those passes would be silently wrong, so it refuses to decode outside `torch.compile`.
@@ -21,44 +14,16 @@ Driving it without those passes would be silently wrong, so it refuses to decode
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hae_fx.config import HAEConfig
+from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError
 from hae_fx.modality import TEXT, VISUAL
-from hae_fx.ops.dap_plan import NO_VISUAL_CAP
-from hae_fx.policies import SlotState, get_policy
-from hae_fx.policies.base import fill_prefix
-
-log = logging.getLogger("hae_fx")
+from hae_fx.policies import policy_for
+from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
 
 __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
-
-
-@dataclass(frozen=True)
-class CacheRole:
-    """What a tensor is inside an `HAECache`: `kind` in `keys`, `values`, `slot_pos`, `score`, `modality`,
-    `in_bin`, `seen`, `step_slot`, `prefill_keep`; `layer` for keys and values; `config`, the cache's
-    `HAEConfig`, which the passes read (e.g. which layers feed the scores)."""
-
-    kind: str
-    layer: int | None = None
-    config: HAEConfig | None = field(default=None, compare=False)
-
-
-def role_of(tensor: object) -> CacheRole | None:
-    """The `CacheRole` of a tensor allocated by an `HAECache`, or None for any other object."""
-    return getattr(tensor, "_hae_role", None)
-
-
-def _static(tensor: torch.Tensor, kind: str, config: HAEConfig, layer: int | None = None) -> torch.Tensor:
-    torch._dynamo.mark_static_address(tensor)
-    tensor._hae_role = CacheRole(kind, layer, config)
-    return tensor
 
 
 class HAELayer(CacheLayerMixin):
@@ -79,8 +44,10 @@ class HAELayer(CacheLayerMixin):
         capacity = self.cache.capacity
         shape = (batch, kv_heads, capacity, head_dim)
         config = self.cache.config
-        self.keys = _static(torch.zeros(shape, dtype=dtype, device=device), "keys", config, self.layer_idx)
-        self.values = _static(torch.zeros(shape, dtype=dtype, device=device), "values", config, self.layer_idx)
+        self.keys = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
+                                  CacheRole("keys", self.layer_idx, config))
+        self.values = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
+                                    CacheRole("values", self.layer_idx, config))
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -103,37 +70,34 @@ class HAELayer(CacheLayerMixin):
 
 
 class HAECache(Cache):
-    """Fixed-capacity, evicting KV cache driven by an `HAEConfig` policy.
+    """Fixed-capacity, evicting KV cache driven by an eviction policy.
 
     Args:
-        config: the hae configuration (policy, capacity and the policy's fields).
+        config: the policy's config (`hae_fx.HAEConfig` or a `hae_fx.policies` config).
         num_layers: decoder layers that read the cache.
         batch: sequences per generate call; fixed for the life of the cache.
         kv_heads, head_dim: attention geometry of the decoder.
         dtype, device: of the K/V buffers (the metadata uses its own dtypes).
     """
 
-    def __init__(self, config: HAEConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
+    def __init__(self, config: PolicyConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         layers = [HAELayer(self, i) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.config = config
-        self.policy = get_policy(config.policy)
+        self.policy = policy_for(config)
         self.capacity = config.capacity
         self.batch = batch
         device = torch.device(device)
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
-        slots = (batch, self.capacity)
-        long = dict(dtype=torch.int64, device=device)
-        small = dict(dtype=torch.int8, device=device)
-        self.slot_pos = _static(torch.full(slots, -1, **long), "slot_pos", config)
-        self.score = _static(torch.zeros(slots, dtype=torch.float32, device=device), "score", config)
-        self.modality = _static(torch.zeros(slots, **small), "modality", config)
-        self.in_bin = _static(torch.zeros(slots, **small), "in_bin", config)
-        self.seen = _static(torch.zeros(batch, **long), "seen", config)
-        self.step_slot = _static(torch.zeros(batch, **long), "step_slot", config)
-        self.prefill_keep = _static(torch.zeros(slots, **long), "prefill_keep", config)
+        self.slots = SlotBuffers(config, self.policy, batch, device)
+        #: the layers whose prompt attention the policy's prefill plan reads, and the one that emits the plan
+        self.plan_layers = self.policy.prefill_layers(num_layers)
+        self.plan_emitted_at = max(self.plan_layers, default=0)
+        self.pruned_after = self.policy.pruned_after()
+        self.config_key = config.key()  # computed here: JSON encoding cannot be traced
+        self._plan_keys: dict[int, torch.Tensor] = {}  # prompt keys of `plan_layers`, while prefill is traced
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
         self.prompt_pos: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
@@ -145,8 +109,28 @@ class HAECache(Cache):
         self.prefilled = False
         self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
 
+    @property
+    def slot_pos(self) -> torch.Tensor:
+        return self.slots.slot_pos
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.slots.score
+
+    @property
+    def modality(self) -> torch.Tensor:
+        return self.slots.modality
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return self.slots.seen
+
+    @property
+    def prefill_keep(self) -> torch.Tensor:
+        return self.slots.prefill_keep
+
     @classmethod
-    def for_model(cls, model: torch.nn.Module, config: HAEConfig, batch: int) -> HAECache:
+    def for_model(cls, model: torch.nn.Module, config: PolicyConfig, batch: int) -> HAECache:
         """A cache shaped for `model`'s text decoder, on its device and in its dtype."""
         from hae_fx.models import family_of
 
@@ -159,8 +143,7 @@ class HAECache(Cache):
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
-        meta = [self.slot_pos, self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep]
-        return kv + meta
+        return kv + self.slots.tensors()
 
     @property
     def nbytes(self) -> int:
@@ -199,12 +182,8 @@ class HAECache(Cache):
         self.prompt_visual_positions = [row[mask].tolist() for row, mask in zip(token_pos_host, visual, strict=True)]
         real_tokens = real.sum(dim=-1).tolist()
         visual_tokens = [len(positions) for positions in self.prompt_visual_positions]
-        self.prefill_kept_len = self.policy.prefill_kept_len(self.config, token_pos.shape[1], real_tokens,
-                                                             visual_tokens)
-        if self.policy.reads_prefill_attention and 0 in visual_tokens:
-            rows = [b for b, count in enumerate(visual_tokens) if count == 0]
-            log.info("hae: sequence(s) %s of the prompt have no visual tokens: Dual-Attention Pruning is skipped for "
-                     "them (nothing to prune); DDES still bounds their cache during decode", rows)
+        self.prefill_kept_len = self.policy.prefill_kept_len(token_pos.shape[1], real_tokens, visual_tokens)
+        self.policy.note_prompt(visual_tokens)
 
     def end_prefill(self) -> None:
         self.prefilled = True
@@ -227,9 +206,7 @@ class HAECache(Cache):
         for layer in self.layers:
             layer.keys.zero_()
             layer.values.zero_()
-        self.slot_pos.fill_(-1)
-        for t in (self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep):
-            t.zero_()
+        self.slots.reset()
         self.prompt_visual_positions = [[] for _ in range(self.batch)]
         self.prefill_kept = [[] for _ in range(self.batch)]
         self.prefilled = False
@@ -251,78 +228,52 @@ class HAECache(Cache):
             )
         return self._decode_write(layer_idx, key_states, value_states)
 
-    def slot_state(self) -> SlotState:
-        """The slot metadata, as the policies see it."""
-        return SlotState(slot_pos=self.slot_pos, score=self.score, modality=self.modality, in_bin=self.in_bin,
-                         seen=self.seen)
-
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
             raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
         kept = self.prefill_kept_len
         layer = self.layers[layer_idx]
-        config = self.config
-        if self.policy.reads_prefill_attention:
-            if layer_idx == config.dap_layer:
-                self._emit_dap_plan(key_states)
-            if config.prune_hidden and layer_idx > config.dap_layer:
-                # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
-                if key_states.shape[2] != kept:
-                    raise RuntimeError(
-                        f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected the {kept} "
-                        "kept by DAP; prune_hidden needs the model transformed by hae_fx.transform"
-                    )
-                slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
-                torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
-                return key_states, value_states
-        elif layer_idx == 0:
-            self._plan_prefill(kept)
+        if layer_idx in self.plan_layers:
+            self._plan_keys[layer_idx] = key_states
+        if layer_idx == self.plan_emitted_at:
+            self._emit_prefill_plan()
+        if self.pruned_after is not None and layer_idx > self.pruned_after:
+            # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
+            if key_states.shape[2] != kept:
+                raise RuntimeError(
+                    f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected the {kept} "
+                    "kept at prefill; prune_hidden needs the model transformed by hae_fx.transform"
+                )
+            slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
+            torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
+            return key_states, value_states
         torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep, kept)
         return key_states, value_states
 
-    def _emit_dap_plan(self, key_states: torch.Tensor) -> None:
-        """Emit `hae::dap_plan_` without its query: the backend's DAP pass wires in layer `dap_layer`'s attention
-        query and scale and moves the node after that attention."""
-        config = self.config
-        max_visual_keep = NO_VISUAL_CAP if config.max_visual_keep is None else config.max_visual_keep
-        torch.ops.hae.dap_plan_(None, key_states, self.prompt_pos, self.prompt_modality, self.slot_pos, self.score,
-                                self.modality, self.in_bin, self.seen, self.prefill_keep, 0.0,
-                                self.prefill_kept_len, config.sinks, config.window, config.budget, config.r,
-                                config.alpha, max_visual_keep)
-
-    def _plan_prefill(self, kept: int) -> None:
-        """Choose the prompt tokens to keep (`prefill_keep`) from the policy's priorities and fill the slot
-        metadata accordingly."""
-        token_pos = self.prompt_pos
-        priority = self.policy.prefill_priority(self.config, token_pos)
-        keep = priority.topk(kept, dim=-1).indices.sort(dim=-1).values
-        kept_pos = token_pos.gather(1, keep)
-        kept_valid = priority.gather(1, keep) > float("-inf")
-        self.prefill_keep[:, :kept].copy_(keep)
-        fill_prefix(self.slot_pos, torch.where(kept_valid, kept_pos, -1), -1)
-        fill_prefix(self.modality, self.prompt_modality.gather(1, keep), TEXT)
-        self.score.zero_()
-        self.in_bin.zero_()
-        self.seen.copy_((token_pos.amax(dim=-1) + 1).clamp_min(0))
+    def _emit_prefill_plan(self) -> None:
+        """Emit `hae::prefill_plan_` with the keys of the layers the policy reads and no queries: the backend's
+        plan pass wires in those layers' attention queries and scales and moves the node after the last of them."""
+        keys = [self._plan_keys[layer] for layer in self.plan_layers]
+        self._plan_keys = {}
+        torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+                                    token_pos=self.prompt_pos, token_modality=self.prompt_modality,
+                                    **self.slots.plan_arguments(), kept_len=self.prefill_kept_len,
+                                    config=self.config_key)
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer_idx == 0:
             self._plan_decode_step()
         layer = self.layers[layer_idx]
-        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, self.step_slot.view(-1, 1))
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states,
+                                  self.slots.step_slot.view(-1, 1))
         return layer.keys, layer.values
 
     def _plan_decode_step(self) -> None:
-        """Choose each sequence's slot for the new token (the policy's bookkeeping first, for `hae`) and
-        record the token in the slot metadata."""
-        slot = self.policy.decode_slot(self.config, self.slot_state())
-        self.step_slot.copy_(slot)
-        rows = torch.arange(self.batch, device=slot.device)
-        self.slot_pos.index_put_((rows, slot), self.seen)
-        self.score.index_put_((rows, slot), torch.zeros((), device=slot.device))
-        self.modality.index_put_((rows, slot), torch.full((), TEXT, dtype=torch.int8, device=slot.device))
-        self.in_bin.index_put_((rows, slot), torch.zeros((), dtype=torch.int8, device=slot.device))
-        self.seen.add_(1)
+        """Choose each sequence's slot for the new token (the policy's bookkeeping first) and record the token in
+        the slot metadata."""
+        slot = self.policy.decode_slot(self.slots.state())
+        self.slots.step_slot.copy_(slot)
+        self.slots.place(slot, TEXT)
 
 
 def kept_positions(cache: HAECache) -> list[list[int]]:
@@ -331,8 +282,9 @@ def kept_positions(cache: HAECache) -> list[list[int]]:
 
 
 def binned_positions(cache: HAECache) -> list[list[int]]:
-    """Sorted logical positions each sequence holds in the `hae` recycle bin now (syncs with the device)."""
-    return _sorted_positions(torch.where(cache.in_bin.bool(), cache.slot_pos, -1))
+    """Sorted logical positions each sequence holds evicted but not yet freed (a policy's recycle bin) now (syncs
+    with the device)."""
+    return _sorted_positions(torch.where(cache.policy.binned(cache.slots.state()), cache.slot_pos, -1))
 
 
 def _sorted_positions(slot_pos: torch.Tensor) -> list[list[int]]:

@@ -1,110 +1,113 @@
-"""`HAEConfig`: the one object that says how a model's KV cache is bounded and evicted.
+"""`PolicyConfig`: the fields every eviction policy shares, validated in one place.
 
-It is frozen and validated at construction, so a bad value fails where it is written, with a message naming the
-field and its allowed range, rather than deep inside a compiled graph.
+Each policy (`hae_fx.policies`) declares a frozen subclass with its own fields, so a policy's configuration says
+only what that policy reads. Configs are validated at construction, so a bad value fails where it is written, with
+a message naming the config class, the field and its allowed range, rather than deep inside a compiled graph.
+`hae_fx.HAEConfig` is the `hae` policy's config; `HAEConfig(policy=name, ...)` builds any policy's config by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 from hae_fx.errors import HAEConfigError
 
-SCORE_SOURCES = ("layers_mean", "dap_layer")
-
 
 @dataclass(frozen=True)
-class HAEConfig:
-    """How `hae_fx.transform` bounds and evicts a model's KV cache.
+class PolicyConfig:
+    """The fields every policy shares.
 
     Attributes:
-        policy: name of the eviction policy (`hae_fx.policies.available()` lists them): `"hae"` (Dual-Attention
-            Pruning at prefill, the DDES recycle bin at decode; docs/hae.md), `"full"` keeps every token and
-            needs `capacity >= prompt + new tokens`, `"streaming"` keeps `sinks` first tokens plus the most recent
-            ones (StreamingLLM).
         capacity: KV slots per sequence and layer. Fixed for the life of a cache: memory never depends on the
-            prompt length or `max_new_tokens`. For `hae`, `capacity = budget + bin_size`.
+            prompt length or `max_new_tokens`.
         sinks: the first tokens of each sequence that are never evicted (attention sinks).
         window: the most recent tokens that are never evicted. Evicting policies need room for
-            `sinks + window + 1` tokens (in `hae`'s budget), so that one token is always left to choose from.
-        bin_size: `hae`: the recycle bin `d`. Evicted tokens wait there, still attended and able to come back,
-            until `bin_size` of them are freed together. `1` frees every victim at once (greedy eviction).
-        dap_layer: `hae`: the decoder layer (0-based) whose attention Dual-Attention Pruning reads.
-        r: `hae`: DAP share threshold in [0, 1]; a visual token whose share of the text's attention to visual
-            tokens is below `r` ...
-        alpha: ... and whose largest attention from any text query is below `alpha` (in [0, 1]) is evicted.
-        prune_hidden: `hae`: after `dap_layer`, also remove evicted tokens from the residual stream, so later
-            layers compute on the kept tokens only (FastV-style). False keeps the computation and prunes the
-            caches only.
-        max_visual_keep: `hae`: optional cap on the visual tokens kept at prefill (the most attended win); it
-            also bounds the static token count that `prune_hidden` computes on.
-        score_source: `hae`: what decode adds to each token's score: attention averaged over every layer
-            (`"layers_mean"`) or layer `dap_layer`'s only (`"dap_layer"`).
-        visual_first: `hae`: strength of visual-first eviction (HTV): the lowest visual candidate is evicted
-            first while it scores below `visual_first` times the mean text-candidate score; 0 turns it off.
-        decay: `hae`: scores are multiplied by `1 - decay` before each decode step (the paper's exponential decay
-            `λ`); 0 keeps plain cumulative attention.
+            `sinks + window + 1` tokens, so that one token is always left to choose from.
     """
 
-    policy: str = "hae"
+    #: the policy name this config selects (`hae_fx.policies.available()` lists them)
+    policy: ClassVar[str] = ""
+
     capacity: int = 256
     sinks: int = 4
     window: int = 16
-    bin_size: int = 64
-    dap_layer: int = 1
-    r: float = 0.0015
-    alpha: float = 0.0005
-    prune_hidden: bool = False
-    max_visual_keep: int | None = None
-    score_source: str = "layers_mean"
-    visual_first: float = 1.0
-    decay: float = 0.0
 
     def __post_init__(self) -> None:
-        from hae_fx.policies import get_policy  # the policy registry imports this module
+        require_int(self, "capacity", minimum=1)
+        require_int(self, "sinks", minimum=0)
+        require_int(self, "window", minimum=0)
+        self.validate()
 
-        get_policy(self.policy)  # raises HAEConfigError naming the known policies
-        _require_int("capacity", self.capacity, minimum=1)
-        _require_int("sinks", self.sinks, minimum=0)
-        _require_int("window", self.window, minimum=0)
-        _require_int("bin_size", self.bin_size, minimum=1)
-        _require_int("dap_layer", self.dap_layer, minimum=0)
-        _require_fraction("r", self.r)
-        _require_fraction("alpha", self.alpha)
-        _require_fraction("decay", self.decay, below_one=True)
-        if not isinstance(self.prune_hidden, bool):
-            raise HAEConfigError(f"HAEConfig.prune_hidden must be True or False, got {self.prune_hidden!r}")
-        if self.max_visual_keep is not None:
-            _require_int("max_visual_keep", self.max_visual_keep, minimum=0)
-        if self.score_source not in SCORE_SOURCES:
-            raise HAEConfigError(f"HAEConfig.score_source must be one of {SCORE_SOURCES}, got {self.score_source!r}")
-        if isinstance(self.visual_first, bool) or not isinstance(self.visual_first, (int, float)) \
-                or self.visual_first < 0:
-            raise HAEConfigError(f"HAEConfig.visual_first must be a number >= 0, got {self.visual_first!r}")
-        get_policy(self.policy).validate(self)
+    def validate(self) -> None:
+        """Check the policy's own fields (and their relation to the common ones); raise `HAEConfigError`.
 
-    @property
-    def budget(self) -> int:
-        """Active tokens `hae` keeps per sequence: `capacity - bin_size`."""
-        return self.capacity - self.bin_size
+        The default suits an evicting policy without fields of its own: room beyond the protected tokens."""
+        require_room_beyond_protected(self, self.capacity, "capacity")
 
-    def replace(self, **changes: object) -> HAEConfig:
+    def replace(self, **changes: object) -> PolicyConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def key(self) -> str:
+        """The config as one JSON string (policy name and every field): how it travels through a custom op, whose
+        arguments cannot be Python objects. `hae_fx.policies.policy_from_key` reads it back."""
+        return json.dumps({"policy": self.policy, **dataclasses.asdict(self)}, sort_keys=True)
 
-def _require_int(name: str, value: object, *, minimum: int) -> None:
+
+def require_int(config: PolicyConfig, name: str, *, minimum: int) -> None:
+    value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise HAEConfigError(f"HAEConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        raise HAEConfigError(f"{_field(config, name)} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise HAEConfigError(f"HAEConfig.{name} must be >= {minimum}, got {value}")
+        raise HAEConfigError(f"{_field(config, name)} must be >= {minimum}, got {value}")
 
 
-def _require_fraction(name: str, value: object, *, below_one: bool = False) -> None:
+def require_optional_int(config: PolicyConfig, name: str, *, minimum: int) -> None:
+    if getattr(config, name) is not None:
+        require_int(config, name, minimum=minimum)
+
+
+def require_fraction(config: PolicyConfig, name: str, *, below_one: bool = False) -> None:
+    value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HAEConfigError(f"HAEConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+        raise HAEConfigError(f"{_field(config, name)} must be a number, got {type(value).__name__} {value!r}")
     upper_ok = value < 1 if below_one else value <= 1
     if not (value >= 0 and upper_ok):
         interval = "[0, 1)" if below_one else "[0, 1]"
-        raise HAEConfigError(f"HAEConfig.{name} must lie in {interval}, got {value}")
+        raise HAEConfigError(f"{_field(config, name)} must lie in {interval}, got {value}")
+
+
+def require_non_negative(config: PolicyConfig, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise HAEConfigError(f"{_field(config, name)} must be a number >= 0, got {value!r}")
+
+
+def require_bool(config: PolicyConfig, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise HAEConfigError(f"{_field(config, name)} must be True or False, got {value!r}")
+
+
+def require_choice(config: PolicyConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise HAEConfigError(f"{_field(config, name)} must be one of {choices}, got {value!r}")
+
+
+def require_room_beyond_protected(config: PolicyConfig, room: int, what: str) -> None:
+    """`room` (the slots an evicting policy chooses among, named `what`) must exceed the protected tokens."""
+    protected = config.sinks + config.window + 1
+    if room < protected:
+        raise HAEConfigError(
+            f"{_field(config, 'capacity')}={config.capacity} is too small for policy {config.policy!r}: {what} must "
+            f"be at least sinks + window + 1 = {config.sinks} + {config.window} + 1 = {protected}; raise capacity or "
+            "lower sinks/window"
+        )
+
+
+def _field(config: PolicyConfig, name: str) -> str:
+    return f"{type(config).__name__}.{name}"

@@ -1,8 +1,9 @@
-"""`prune_hidden`: after layer `dap_layer`, the decoder computes on the tokens DAP kept, FastV-style.
+"""Hidden-state pruning: after a policy's plan layer, the decoder computes on the kept tokens, FastV-style.
 
-`transform` wraps the forward of every decoder layer after `dap_layer`. During an `HAECache` prefill the wrapper
-gathers the layer's per-token inputs through the cache's `prefill_keep` (written by `hae::dap_plan_`, which the
-DAP pass places after layer `dap_layer`'s attention, so before these layers run):
+For a policy whose `pruned_after()` names a layer (`hae` with `prune_hidden`), `transform` wraps the forward of
+every decoder layer after it. During an `HAECache` prefill the wrapper gathers the layer's per-token inputs through
+the cache's `prefill_keep` (written by `hae::prefill_plan_`, which the plan pass places after that layer's
+attention, so before these layers run):
 
 - the residual stream (first pruned layer only; later ones receive it already gathered);
 - RoPE's `(cos, sin)` and `position_ids`, so kept tokens keep their logical positions;
@@ -24,11 +25,11 @@ import torch
 from hae_fx.cache import HAECache
 
 
-def install_hidden_pruning(layers: list[torch.nn.Module], dap_layer: int) -> None:
-    """Wrap the forward of `layers[dap_layer + 1:]` (the decoder layers, in order) on their instances."""
-    for index in range(dap_layer + 1, len(layers)):
+def install_hidden_pruning(layers: list[torch.nn.Module], after: int) -> None:
+    """Wrap the forward of `layers[after + 1:]` (the decoder layers, in order) on their instances."""
+    for index in range(after + 1, len(layers)):
         layer = layers[index]
-        layer.forward = _pruning_forward(layer.forward, first=index == dap_layer + 1)
+        layer.forward = _pruning_forward(layer.forward, first=index == after + 1)
 
 
 def _pruning_forward(forward: Callable[..., Any], *, first: bool) -> Callable[..., Any]:
@@ -38,8 +39,8 @@ def _pruning_forward(forward: Callable[..., Any], *, first: bool) -> Callable[..
         if not isinstance(cache, HAECache) or cache.prefilled:
             return forward(hidden_states, *args, **kwargs)
         if args:
-            raise TypeError("hae_fx prune_hidden expects decoder layers to receive everything but the hidden states "
-                            "as keyword arguments, as HF's decoders pass them")
+            raise TypeError("hae_fx hidden-state pruning expects decoder layers to receive everything but the hidden "
+                            "states as keyword arguments, as HF's decoders pass them")
         keep = cache.prefill_keep[:, : cache.prefill_kept_len]
         if first:
             hidden_states = gather_tokens(hidden_states, keep)

@@ -36,7 +36,7 @@ class CacheReport:
     """Per-sequence occupancy and the KV memory of the cache against a full cache of the same length.
 
     Attributes:
-        policy, capacity, bin_size: from the cache's config.
+        policy, capacity: from the cache's config; bin_size: the policy's recycle bin (0 for none).
         sequences: one `SequenceReport` per sequence.
         kv_bytes: bytes of the cache's K/V buffers (fixed at construction).
         full_kv_bytes: bytes a full cache would need for the longest sequence seen so far.
@@ -55,7 +55,7 @@ class CacheReport:
         return 1.0 - self.kv_bytes / self.full_kv_bytes if self.full_kv_bytes else 0.0
 
     def __str__(self) -> str:
-        bin_note = f", bin {self.bin_size}" if self.policy == "hae" else ""
+        bin_note = f", bin {self.bin_size}" if self.bin_size else ""
         lines = [f"HAECache policy={self.policy!r}, capacity {self.capacity} slots{bin_note}",
                  "  seq  seen  kept  visual (of prompt)  text  in bin"]
         for index, seq in enumerate(self.sequences):
@@ -70,8 +70,9 @@ def report(cache: HAECache) -> CacheReport:
     """Describe `cache` now (reads its metadata back from the device once)."""
     occupied = cache.slot_pos >= 0
     visual = occupied & (cache.modality == VISUAL)
-    counts = torch.stack([visual.sum(-1), (occupied & ~visual).sum(-1), (occupied & (cache.in_bin != 0)).sum(-1),
-                          cache.seen], dim=-1).cpu().tolist()
+    binned = occupied & cache.policy.binned(cache.slots.state())
+    counts = torch.stack([visual.sum(-1), (occupied & ~visual).sum(-1), binned.sum(-1), cache.seen],
+                         dim=-1).cpu().tolist()
     sequences = tuple(
         SequenceReport(tokens_seen=seen, kept_visual=kept_visual, kept_text=kept_text, binned=binned,
                        prompt_visual=len(prompt_visual))
@@ -79,6 +80,6 @@ def report(cache: HAECache) -> CacheReport:
                                                                           strict=True)
     )
     longest = max(seq.tokens_seen for seq in sequences)
-    return CacheReport(policy=cache.config.policy, capacity=cache.capacity, bin_size=cache.config.bin_size,
+    return CacheReport(policy=cache.config.policy, capacity=cache.capacity, bin_size=cache.policy.bin_size,
                        sequences=sequences, kv_bytes=cache.kv_nbytes,
                        full_kv_bytes=cache.kv_nbytes * longest // cache.capacity)

@@ -9,8 +9,8 @@ What it installs, on the model instance only (its class and weights are untouche
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
   compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
 - the language model's `forward`: compiled prefill while the cache is empty.
-- with `HAEConfig(policy="hae", prune_hidden=True)`, the forward of the decoder layers after `dap_layer`
-  (`hae_fx.pruning`): during prefill they compute on the tokens Dual-Attention Pruning kept.
+- for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
+  of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
 
 The vision tower stays eager during prefill, as under HF's own compile (its graphs break on data-dependent
 code); decode never runs it.
@@ -28,10 +28,11 @@ import torch
 
 from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
-from hae_fx.config import HAEConfig
+from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, family_of
-from hae_fx.policies import get_policy
+from hae_fx.policies import policy_for
+from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
 
 #: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
@@ -50,13 +51,14 @@ def _own_code(function: Callable[..., Any]) -> Callable[..., Any]:
                               function.__closure__)
 
 
-def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: str | None = None,
+def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mode: str | None = None,
               options: dict[str, Any] | None = None) -> torch.nn.Module:
     """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
 
     Args:
         model: an HF model of a supported family (`hae_fx.models.FAMILIES`).
-        config: the eviction configuration; `HAEConfig()` when None.
+        config: the eviction policy's config (`hae_fx.HAEConfig(policy=...)`, or a config class of
+            `hae_fx.policies`, e.g. `hae_fx.policies.snapkv.SnapKVConfig(...)`); `HAEConfig()` when None.
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
         options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
             Inductor (the eager-reference path).
@@ -65,12 +67,11 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
     """
     config = HAEConfig() if config is None else config
-    if not isinstance(config, HAEConfig):
-        raise HAEConfigError(f"config must be an hae_fx.HAEConfig, got {type(config).__name__}")
+    policy = policy_for(config)  # raises HAEConfigError for anything but a registered policy's config
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
-    _check_policy_fits_model(config, family, model)
+    policy.check_model(family.num_layers(model))
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
     def backend_for(phase: str) -> Any:
@@ -135,25 +136,14 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         return eager_generate(*args, **kwargs)
 
-    if get_policy(config.policy).reads_prefill_attention and config.prune_hidden:
-        install_hidden_pruning(list(language_model.layers), config.dap_layer)
+    if policy.pruned_after() is not None:
+        install_hidden_pruning(list(language_model.layers), policy.pruned_after())
     language_model.forward = language_forward
     model.forward = forward
     model.generate = generate
     model.hae_config = config
     model.hae_graphs = graphs
     return model
-
-
-def _check_policy_fits_model(config: HAEConfig, family: ModelFamily, model: torch.nn.Module) -> None:
-    if not get_policy(config.policy).reads_prefill_attention:
-        return
-    depth = family.num_layers(model)
-    if config.dap_layer >= depth:
-        raise HAEConfigError(
-            f"HAEConfig.dap_layer={config.dap_layer} is beyond the model's depth: its text decoder has {depth} "
-            f"layers (0..{depth - 1}); choose a dap_layer in that range (the paper uses an early layer, e.g. 1)"
-        )
 
 
 @contextlib.contextmanager

@@ -15,9 +15,10 @@ import torch
 from torch import fx
 
 from hae_fx.cache import CacheRole
-from hae_fx.config import HAEConfig
+from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAESiteError
 from hae_fx.passes.sites import AttentionSite, find_attention_sites, scale_of
+from hae_fx.policies import policy_for
 
 
 def is_hae_op(target: object) -> bool:
@@ -43,9 +44,9 @@ class RewriteReport:
 def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> RewriteReport:
     """Replace every attention over cache slots in `gm` with `hae::slot_attention` (in place).
 
-    Scores: with `score_source="layers_mean"` (the default) each site adds its per-slot attention, divided by
-    the number of sites, to the cache's `score` buffer, so `score` accumulates attention averaged over layers
-    and heads, summed over steps; with `"dap_layer"` only layer `dap_layer`'s site adds, in full.
+    Scores: each site adds its per-slot attention, times the weight the cache's policy gives its layer
+    (`Policy.score_weights`; by default one over the number of sites), to the cache's `score` buffer, so `score`
+    accumulates attention averaged over layers and heads, summed over steps.
 
     Raises:
         HAESiteError: a cache K/V buffer is read by something that is neither a hae op nor a recognised
@@ -75,16 +76,12 @@ def _placeholder(roles: dict[fx.Node, CacheRole], kind: str) -> fx.Node:
     )
 
 
-def _score_weights(sites: list[AttentionSite], config: HAEConfig | None) -> dict[int, float]:
+def _score_weights(sites: list[AttentionSite], config: PolicyConfig | None) -> dict[int, float]:
     """Weight of each layer's per-slot attention in the score update (layers left out add nothing)."""
-    if config is not None and config.score_source == "dap_layer":
-        if not any(site.layer == config.dap_layer for site in sites):
-            raise HAESiteError(
-                f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
-                f"over cache slots is in layers {sorted({site.layer for site in sites})}"
-            )
-        return {config.dap_layer: 1.0}
-    return {site.layer: 1.0 / len(sites) for site in sites}
+    layers = [site.layer for site in sites]
+    if config is None:
+        return {layer: 1.0 / len(layers) for layer in layers}
+    return policy_for(config).score_weights(layers)
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score: fx.Node,

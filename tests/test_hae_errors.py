@@ -9,7 +9,6 @@ import hae_fx
 from hae_fx import HAEConfig, HAEConfigError, HAESiteError
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.models.llava import tiny_llava
-from hae_fx.ops.dap_plan import NO_VISUAL_CAP
 
 
 @pytest.mark.parametrize("dap_layer", [2, 5])
@@ -99,36 +98,33 @@ def test_the_valid_alternatives_of_those_fields_are_accepted():
     assert (config.score_source, config.max_visual_keep, config.prune_hidden) == ("dap_layer", 0, True)
 
 
-def _dap_plan_arguments(query):
-    """Arguments of `hae::dap_plan_` for one sequence of 6 tokens (positions 0..5, tokens 1..3 visual), 8 slots."""
+def _prefill_plan_arguments(query):
+    """Arguments of `hae::prefill_plan_` under `hae` for one sequence of 6 tokens (positions 0..5, tokens 1..3
+    visual), 8 slots."""
     batch, kv_heads, length, head_dim, capacity = 1, 2, 6, 4, 8
     generator = torch.Generator().manual_seed(0)
     key = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
-    token_pos = torch.arange(length).unsqueeze(0)
-    token_modality = torch.tensor([[TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT]], dtype=torch.int8)
-    slot_pos = torch.full((batch, capacity), -1, dtype=torch.int64)
-    score = torch.zeros(batch, capacity)
-    modality = torch.zeros(batch, capacity, dtype=torch.int8)
-    in_bin = torch.zeros(batch, capacity, dtype=torch.int8)
-    seen = torch.zeros(batch, dtype=torch.int64)
-    prefill_keep = torch.zeros(batch, capacity, dtype=torch.int64)
-    tensors = (query, key, token_pos, token_modality, slot_pos, score, modality, in_bin, seen, prefill_keep)
-    # scale, kept_len, sinks, window, budget, r, alpha, max_visual_keep
-    scalars = (head_dim ** -0.5, length, 1, 1, 6, 0.0, 0.0, NO_VISUAL_CAP)
-    return tensors, scalars
+    config = HAEConfig(policy="hae", capacity=capacity, bin_size=2, sinks=1, window=1, r=0.0, alpha=0.0)
+    return dict(
+        queries=[query], keys=[key], scales=[head_dim ** -0.5], token_pos=torch.arange(length).unsqueeze(0),
+        token_modality=torch.tensor([[TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT]], dtype=torch.int8),
+        slot_pos=torch.full((batch, capacity), -1, dtype=torch.int64), score=torch.zeros(batch, capacity),
+        modality=torch.zeros(batch, capacity, dtype=torch.int8), seen=torch.zeros(batch, dtype=torch.int64),
+        prefill_keep=torch.zeros(batch, capacity, dtype=torch.int64),
+        extras=[torch.zeros(batch, capacity, dtype=torch.int8)], kept_len=length, config=config.key(),
+    )
 
 
-def test_dap_plan_run_eagerly_without_its_query_says_to_go_through_transform():
-    tensors, scalars = _dap_plan_arguments(query=None)
-    slot_pos = tensors[4]
-    with pytest.raises(HAESiteError, match=r"hae::dap_plan_ has no query: the hae backend's DAP pass supplies layer "
-                                           r"dap_layer's attention query\. Run the model through hae_fx\.transform"):
-        torch.ops.hae.dap_plan_(*tensors, *scalars)
-    assert bool((slot_pos == -1).all()), "the op must fail before writing any slot metadata"
+def test_prefill_plan_run_eagerly_without_its_query_says_to_go_through_transform():
+    arguments = _prefill_plan_arguments(query=None)
+    with pytest.raises(HAESiteError, match=r"hae::prefill_plan_ has no query: the hae backend's plan pass supplies "
+                                           r"the attention queries .* Run the model through hae_fx\.transform"):
+        torch.ops.hae.prefill_plan_(**arguments)
+    assert bool((arguments["slot_pos"] == -1).all()), "the op must fail before writing any slot metadata"
 
     # with a query the same call plans: zero thresholds keep every token
     query = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(1))
-    tensors, scalars = _dap_plan_arguments(query=query)
-    torch.ops.hae.dap_plan_(*tensors, *scalars)
-    assert tensors[4][0, :6].tolist() == list(range(6))
-    assert tensors[8].tolist() == [6]
+    arguments = _prefill_plan_arguments(query=query)
+    torch.ops.hae.prefill_plan_(**arguments)
+    assert arguments["slot_pos"][0, :6].tolist() == list(range(6))
+    assert arguments["seen"].tolist() == [6]

@@ -1,4 +1,4 @@
-"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention` and `dap_plan_`.
+"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention` and `prefill_plan_`.
 
 Each op has a reference implementation (what runs eagerly and in the eager-reference path), a fake
 implementation whose strides match the reference (so Inductor's generated code asserts the right layout), and
@@ -9,11 +9,11 @@ Importing this package registers everything; it must happen before the first com
 Inductor caches its decomposition table (`hae_fx` imports it at import time).
 """
 
-from hae_fx.ops.dap_plan import dap_plan_
 from hae_fx.ops.decompositions import register_inductor_decompositions
+from hae_fx.ops.prefill_plan import prefill_plan_
 from hae_fx.ops.slot_attention import slot_attention
 from hae_fx.ops.slot_write import prefill_write_, slot_write_
 
 register_inductor_decompositions()
 
-__all__ = ["dap_plan_", "prefill_write_", "slot_attention", "slot_write_"]
+__all__ = ["prefill_plan_", "prefill_write_", "slot_attention", "slot_write_"]

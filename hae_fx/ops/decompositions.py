@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._inductor import decomposition as inductor_decomposition
 
-from hae_fx.ops.dap_plan import run_dap_plan
+from hae_fx.ops.prefill_plan import plan_prefill
 from hae_fx.ops.slot_attention import attend_slots
 from hae_fx.ops.slot_write import write_prefix, write_slots
 
@@ -30,9 +30,9 @@ def register_inductor_decompositions() -> None:
     def _prefill_write(k_cache, v_cache, k, v, keep, kept_len):
         write_prefix(k_cache, v_cache, k, v, keep, kept_len)
 
-    @inductor_decomposition.register_decomposition(torch.ops.hae.dap_plan_.default)
-    def _dap_plan(*args):
-        run_dap_plan(*args)
+    @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_plan_.default)
+    def _prefill_plan(*args, **kwargs):
+        plan_prefill(*args, **kwargs)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention.default)
     def _slot_attention(q, k_cache, v_cache, slot_pos, scale):

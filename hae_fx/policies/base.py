@@ -1,19 +1,27 @@
-"""The interface every eviction policy implements.
+"""The seam every eviction policy fits: a config dataclass and a `Policy` with a few hooks.
 
-Every decision is a pure tensor function with static shapes: no `.item()`, no boolean indexing, no
-data-dependent sizes. They run inside the compiled prefill and decode graphs, so whatever they compute must
-keep CUDA graphs possible.
+The core (cache, ops, passes) finds the attention, writes slots, masks and compacts. A policy only decides:
+
+- **prefill**: which decoder layers' prompt attention it reads (`prefill_layers`, possibly none), how many prompt
+  tokens it keeps room for (`prefill_kept_len`), and from the prompt's metadata and that attention, a priority and
+  an initial score per prompt token (`prefill_priority`); the core keeps the highest priorities.
+- **decode**: the slot each new token takes (`decode_slot`), from the slot state: positions, scores, modality and
+  the policy's own per-slot buffers (`extra_buffers`).
+
+Every decision is a pure tensor function with static shapes: no `.item()`, no boolean indexing, no data-dependent
+sizes. They run inside the compiled prefill and decode graphs, so whatever they compute must keep CUDA graphs
+possible.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from hae_fx.config import HAEConfig
+from hae_fx.config import PolicyConfig
 
 #: priority given to prompt tokens that must be kept whatever else happens (sinks)
 MUST_KEEP = 1e30
@@ -27,17 +35,35 @@ class SlotState:
 
     Attributes:
         slot_pos: logical position held by each slot, -1 when free.
-        score: accumulated attention of each slot.
+        score: per-slot attention, as the rewritten attention adds it each step (`Policy.score_weights`).
         modality: `TEXT` (0) or `VISUAL` (1).
-        in_bin: 1 for slots in `hae`'s recycle bin (evicted, still attended), else 0.
         seen: `[B]` tokens each sequence has seen: the position of its next token.
+        extras: the policy's own per-slot buffers (`Policy.extra_buffers`), by name.
     """
 
     slot_pos: torch.Tensor
     score: torch.Tensor
     modality: torch.Tensor
-    in_bin: torch.Tensor
     seen: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt's metadata, as prefill policies see it: `token_pos` (`[B, T]` logical positions, -1 for padding)
+    and `modality` (`[B, T]` `TEXT`/`VISUAL`)."""
+
+    token_pos: torch.Tensor
+    modality: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.token_pos >= 0
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """`[B, 1]` tokens each sequence holds (its last position + 1)."""
+        return (self.token_pos.amax(dim=-1, keepdim=True) + 1).clamp_min(0)
 
 
 def fill_prefix(buffer: torch.Tensor, prefix: torch.Tensor, rest: float) -> None:
@@ -52,69 +78,112 @@ def first_free_slot(slot_pos: torch.Tensor) -> torch.Tensor:
     return (slot_pos < 0).to(torch.int8).argmax(dim=-1)
 
 
+def protected_slots(config: PolicyConfig, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """`[B, C]`: slots holding a sink (`pos < sinks`) or one of the `window` most recent positions."""
+    return (slot_pos < config.sinks) | (slot_pos >= seen.unsqueeze(-1) - config.window)
+
+
+def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
+    """`[B]` slot of the smallest `key` among `candidates` (`[B, C]` bool), ties broken by the lowest position, so
+    the choice never depends on where eviction happened to leave tokens. A row without candidates gets slot 0."""
+    smallest = torch.where(candidates, key, torch.inf).amin(dim=-1, keepdim=True)
+    tied = candidates & (key == smallest)
+    return torch.where(tied, slot_pos, torch.iinfo(slot_pos.dtype).max).argmin(dim=-1)
+
+
 class Policy:
-    """Decides which tokens a fixed-capacity cache keeps.
+    """Decides which tokens a fixed-capacity cache keeps. One instance per cache, bound to its config.
 
     Attributes:
-        name: the `HAEConfig.policy` value that selects this policy.
+        name: the `policy` name of `config_class`.
+        config_class: the policy's frozen config dataclass.
         evicts: whether the policy ever drops a token. Non-evicting policies need capacity for every token.
-        reads_prefill_attention: whether the prefill decision needs a layer's attention. Such a policy is
-            planned by `hae::dap_plan_`, which the backend's DAP pass places after that layer's attention;
-            the others are planned from `prefill_priority` before the first layer.
     """
 
-    name: str = ""
-    evicts: bool = True
-    reads_prefill_attention: bool = False
+    config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
+    evicts: ClassVar[bool] = True
 
-    def validate(self, config: HAEConfig) -> None:
-        """Raise `HAEConfigError` if `config` cannot work with this policy."""
-        from hae_fx.errors import HAEConfigError
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
 
-        if self.evicts and config.capacity < config.sinks + config.window + 1:
-            raise HAEConfigError(
-                f"HAEConfig.capacity={config.capacity} is too small for policy {self.name!r}: it must be at least "
-                f"sinks + window + 1 = {config.sinks} + {config.window} + 1 = {config.sinks + config.window + 1}; "
-                "raise capacity or lower sinks/window"
-            )
+    @classmethod
+    def name(cls) -> str:
+        return cls.config_class.policy
 
-    def prefill_kept_len(self, config: HAEConfig, prompt_len: int, real_tokens: list[int],
-                         visual_tokens: list[int]) -> int:
+    # -- model and buffers ---------------------------------------------------------------------------------------
+    def check_model(self, num_layers: int) -> None:
+        """Raise `HAEConfigError` if the config cannot work with a text decoder of `num_layers` layers."""
+
+    def extra_buffers(self) -> dict[str, torch.dtype]:
+        """The policy's own per-slot `[B, C]` buffers, by name and dtype. The core allocates them (zeroed), resets
+        them, zeroes a slot's entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
+        """
+        return {}
+
+    @property
+    def bin_size(self) -> int:
+        """Tokens the policy holds evicted-but-attended before freeing them together (0: it frees at once)."""
+        return 0
+
+    def binned(self, state: SlotState) -> torch.Tensor:
+        """`[B, C]` bool: slots whose token is evicted but not yet freed (still attended)."""
+        return torch.zeros_like(state.slot_pos, dtype=torch.bool)
+
+    # -- prefill -------------------------------------------------------------------------------------------------
+    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers whose prompt attention `prefill_priority` reads, ascending; () for none. The core writes
+        no layer's cache before the last of them has attended (index broadcasting)."""
+        return ()
+
+    def pruned_after(self) -> int | None:
+        """The layer after which prefill computes on the kept tokens only (FastV-style), or None."""
+        return None
+
+    def note_prompt(self, visual_tokens: list[int]) -> None:
+        """Called once per prompt, before prefill, with each sequence's visual token count (for logging)."""
+
+    def prefill_kept_len(self, prompt_len: int, real_tokens: list[int], visual_tokens: list[int]) -> int:
         """Static number of prompt tokens the prefill keeps room for (slots `0..K-1`).
 
         Args:
             prompt_len: `T`, the padded prompt length.
             real_tokens, visual_tokens: per sequence, its non-padding and its visual token counts.
         """
-        return min(prompt_len, config.capacity)
+        return min(prompt_len, self.config.capacity)
 
-    def prefill_priority(self, config: HAEConfig, token_pos: torch.Tensor) -> torch.Tensor:
-        """Priority of each prompt token for a place in the cache after prefill.
+    def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Priority and initial score of each prompt token.
 
         Args:
-            token_pos: `[B, T]` logical position of each prompt token, -1 for padding.
+            prompt: the prompt's positions and modality.
+            attention: per layer of `prefill_layers`, `[B, T, T]` softmax attention (query, key) averaged over query
+                heads, causal over each sequence's real tokens, in float32.
 
         Returns:
-            `[B, T]` float priorities; the `prefill_kept_len` highest are kept. Padding must get `NEVER_KEEP`.
+            `(priority, score)`, both `[B, T]` float32: the `prefill_kept_len` highest priorities are kept (padding
+            must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with.
         """
         raise NotImplementedError
 
-    def decode_slot(self, config: HAEConfig, state: SlotState) -> torch.Tensor:
-        """The slot each sequence's new token takes: the first free one, else `decode_victim`'s.
+    def after_prefill(self, state: SlotState, rank: torch.Tensor, kept: torch.Tensor) -> None:
+        """Initialise the policy's extra buffers once the kept tokens fill slots `0..K-1`: `rank[b, i]` is the
+        priority rank (0 = highest) of slot `i`'s token, `kept[b, i]` whether slot `i` holds one."""
 
-        Policies that keep their own bookkeeping between steps (the `hae` bin) override this and may update
-        `state` in place first. Returns `[B]` int64 slot indices.
+    # -- decode --------------------------------------------------------------------------------------------------
+    def score_weights(self, layers: Sequence[int]) -> dict[int, float]:
+        """Weight of each layer's per-slot attention in the decode score update (layers left out add nothing).
+        The default: attention averaged over every layer with a rewritten attention."""
+        return {layer: 1.0 / len(layers) for layer in layers}
+
+    def decode_slot(self, state: SlotState) -> torch.Tensor:
+        """`[B]` int64 slot each sequence's new token takes: the first free one, else `decode_victim`'s.
+
+        Policies with bookkeeping between steps override this and may update `state` in place first.
         """
         has_free = (state.slot_pos < 0).any(dim=-1)
-        return torch.where(has_free, first_free_slot(state.slot_pos), self.decode_victim(config, state.slot_pos))
+        return torch.where(has_free, first_free_slot(state.slot_pos), self.decode_victim(state))
 
-    def decode_victim(self, config: HAEConfig, slot_pos: torch.Tensor) -> torch.Tensor:
-        """The slot a new token overwrites when no slot is free.
-
-        Args:
-            slot_pos: `[B, C]` logical position held by each slot (every slot is occupied when this is used).
-
-        Returns:
-            `[B]` int64 slot indices.
-        """
+    def decode_victim(self, state: SlotState) -> torch.Tensor:
+        """`[B]` int64 slot a new token overwrites when every slot is occupied."""
         raise NotImplementedError

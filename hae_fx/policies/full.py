@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
-from hae_fx.config import HAEConfig
-from hae_fx.policies.base import NEVER_KEEP, Policy
+from hae_fx.config import PolicyConfig
+from hae_fx.policies import register_policy
+from hae_fx.policies.base import NEVER_KEEP, Policy, Prompt, SlotState
 
 
+@dataclass(frozen=True)
+class FullConfig(PolicyConfig):
+    """`full` needs `capacity >= prompt + new tokens`, which `generate` checks before it starts."""
+
+    policy = "full"
+
+    def validate(self) -> None:
+        """Nothing is ever evicted, so no room beyond the protected tokens is needed."""
+
+
+@register_policy
 class FullPolicy(Policy):
-    """No eviction: the capacity must cover prompt + new tokens, which `generate` checks before it starts."""
+    """No eviction."""
 
-    name = "full"
+    config_class = FullConfig
     evicts = False
 
-    def prefill_priority(self, config: HAEConfig, token_pos: torch.Tensor) -> torch.Tensor:
-        return torch.where(token_pos >= 0, token_pos.to(torch.float32), NEVER_KEEP)
+    def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        priority = torch.where(prompt.valid, prompt.token_pos.to(torch.float32), NEVER_KEEP)
+        return priority, torch.zeros_like(priority)
 
-    def decode_victim(self, config: HAEConfig, slot_pos: torch.Tensor) -> torch.Tensor:
+    def decode_victim(self, state: SlotState) -> torch.Tensor:
         # Unreachable through `generate` (capacity is checked first); overwriting the newest slot keeps the
         # shape contract if a caller drives the model past capacity by hand.
-        return slot_pos.argmax(-1)
+        return state.slot_pos.argmax(-1)

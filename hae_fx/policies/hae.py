@@ -1,45 +1,159 @@
 """`hae`: Hierarchical Adaptive Eviction. Dual-Attention Pruning at prefill, the DDES recycle bin at decode.
 
 docs/hae.md is the specification; this module is its static-shape implementation. Prefill is planned by
-`plan_prefill` (run by `hae::dap_plan_` after layer `dap_layer`'s attention), decode by `HAEPolicy.decode_slot`
-(run by the cache at layer 0 of every step). Both work on whole batches at once: per-sequence decisions are
-masks and per-row reductions over fixed-size buffers.
+`HAEPolicy.prefill_priority` (run by `hae::prefill_plan_` after layer `dap_layer`'s attention), decode by
+`HAEPolicy.decode_slot` (run by the cache at layer 0 of every step). Both work on whole batches at once:
+per-sequence decisions are masks and per-row reductions over fixed-size buffers.
+
+`HAEConfig` is also the short form for every policy: `HAEConfig(policy="snapkv", capacity=...)` builds that
+policy's own config.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
-from hae_fx.config import HAEConfig
-from hae_fx.errors import HAEConfigError
-from hae_fx.modality import TEXT, VISUAL
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, SlotState, fill_prefix, first_free_slot
+from hae_fx.config import (
+    PolicyConfig,
+    require_bool,
+    require_choice,
+    require_fraction,
+    require_int,
+    require_non_negative,
+    require_optional_int,
+)
+from hae_fx.errors import HAEConfigError, HAESiteError
+from hae_fx.modality import VISUAL
+from hae_fx.policies import register_policy
+from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, fill_prefix, first_free_slot
+
+SCORE_SOURCES = ("layers_mean", "dap_layer")
+
+log = logging.getLogger("hae_fx")
 
 
+class _ByPolicyName(type):
+    """`HAEConfig(policy=name, **fields)`: the config of the policy called `name` (the short form)."""
+
+    def __call__(cls, *args: object, policy: str = "hae", **fields: object) -> PolicyConfig:
+        if policy == cls.policy:
+            return super().__call__(*args, **fields)
+        from hae_fx.policies import config_class
+
+        return config_class(policy)(*args, **fields)
+
+
+@dataclass(frozen=True)
+class HAEConfig(PolicyConfig, metaclass=_ByPolicyName):
+    """The `hae` policy's configuration; with `policy=name`, any registered policy's (`hae_fx.policies`).
+
+    Attributes:
+        capacity: KV slots per sequence and layer, `budget + bin_size`.
+        sinks, window: protected tokens (`hae_fx.config.PolicyConfig`).
+        bin_size: the recycle bin `d`. Evicted tokens wait there, still attended and able to come back, until
+            `bin_size` of them are freed together. `1` frees every victim at once (greedy eviction).
+        dap_layer: the decoder layer (0-based) whose attention Dual-Attention Pruning reads.
+        r: DAP share threshold in [0, 1]; a visual token whose share of the text's attention to visual tokens is
+            below `r` ...
+        alpha: ... and whose largest attention from any text query is below `alpha` (in [0, 1]) is evicted.
+        prune_hidden: after `dap_layer`, also remove evicted tokens from the residual stream, so later layers
+            compute on the kept tokens only (FastV-style). False keeps the computation and prunes the caches only.
+        max_visual_keep: optional cap on the visual tokens kept at prefill (the most attended win); it also bounds
+            the static token count that `prune_hidden` computes on.
+        score_source: what decode adds to each token's score: attention averaged over every layer
+            (`"layers_mean"`) or layer `dap_layer`'s only (`"dap_layer"`).
+        visual_first: strength of visual-first eviction (HTV): the lowest visual candidate is evicted first while
+            it scores below `visual_first` times the mean text-candidate score; 0 turns it off.
+        decay: scores are multiplied by `1 - decay` before each decode step (the paper's exponential decay `λ`);
+            0 keeps plain cumulative attention.
+    """
+
+    policy = "hae"
+
+    bin_size: int = 64
+    dap_layer: int = 1
+    r: float = 0.0015
+    alpha: float = 0.0005
+    prune_hidden: bool = False
+    max_visual_keep: int | None = None
+    score_source: str = "layers_mean"
+    visual_first: float = 1.0
+    decay: float = 0.0
+
+    def validate(self) -> None:
+        require_int(self, "bin_size", minimum=1)
+        require_int(self, "dap_layer", minimum=0)
+        require_fraction(self, "r")
+        require_fraction(self, "alpha")
+        require_fraction(self, "decay", below_one=True)
+        require_bool(self, "prune_hidden")
+        require_optional_int(self, "max_visual_keep", minimum=0)
+        require_choice(self, "score_source", SCORE_SOURCES)
+        require_non_negative(self, "visual_first")
+        budget = self.budget
+        if self.bin_size > budget:
+            raise HAEConfigError(
+                f"HAEConfig.bin_size={self.bin_size} is larger than the budget capacity - bin_size = {budget}; "
+                f"the bin holds evicted tokens awaiting deletion and may not outgrow the active set: lower bin_size "
+                f"or raise capacity to at least {2 * self.bin_size}"
+            )
+        protected = self.sinks + self.window + 1
+        if budget < protected:
+            raise HAEConfigError(
+                f"HAEConfig.capacity={self.capacity} leaves a budget of capacity - bin_size = {budget} active "
+                f"tokens, below sinks + window + 1 = {protected}; raise capacity to at least "
+                f"{protected + self.bin_size} or lower sinks, window or bin_size"
+            )
+
+    @property
+    def budget(self) -> int:
+        """Active tokens kept per sequence: `capacity - bin_size`."""
+        return self.capacity - self.bin_size
+
+
+@register_policy
 class HAEPolicy(Policy):
     """Budget `capacity - bin_size` of active tokens plus a recycle bin of `bin_size`; see docs/hae.md."""
 
-    name = "hae"
-    reads_prefill_attention = True
+    config_class = HAEConfig
+    config: HAEConfig
 
-    def validate(self, config: HAEConfig) -> None:
-        budget = config.budget
-        if config.bin_size > budget:
+    def check_model(self, num_layers: int) -> None:
+        if self.config.dap_layer >= num_layers:
             raise HAEConfigError(
-                f"HAEConfig.bin_size={config.bin_size} is larger than the budget capacity - bin_size = {budget}; "
-                f"the bin holds evicted tokens awaiting deletion and may not outgrow the active set: lower bin_size "
-                f"or raise capacity to at least {2 * config.bin_size}"
-            )
-        protected = config.sinks + config.window + 1
-        if budget < protected:
-            raise HAEConfigError(
-                f"HAEConfig.capacity={config.capacity} leaves a budget of capacity - bin_size = {budget} active "
-                f"tokens, below sinks + window + 1 = {protected}; raise capacity to at least "
-                f"{protected + config.bin_size} or lower sinks, window or bin_size"
+                f"HAEConfig.dap_layer={self.config.dap_layer} is beyond the model's depth: its text decoder has "
+                f"{num_layers} layers (0..{num_layers - 1}); choose a dap_layer in that range (the paper uses an "
+                "early layer, e.g. 1)"
             )
 
-    def prefill_kept_len(self, config: HAEConfig, prompt_len: int, real_tokens: list[int],
-                         visual_tokens: list[int]) -> int:
+    def extra_buffers(self) -> dict[str, torch.dtype]:
+        return {"in_bin": torch.int8}  # 1 for slots in the recycle bin (evicted, still attended)
+
+    @property
+    def bin_size(self) -> int:
+        return self.config.bin_size
+
+    def binned(self, state: SlotState) -> torch.Tensor:
+        return state.extras["in_bin"] != 0
+
+    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.config.dap_layer,)
+
+    def pruned_after(self) -> int | None:
+        return self.config.dap_layer if self.config.prune_hidden else None
+
+    def note_prompt(self, visual_tokens: list[int]) -> None:
+        if 0 in visual_tokens:
+            rows = [b for b, count in enumerate(visual_tokens) if count == 0]
+            log.info("hae: sequence(s) %s of the prompt have no visual tokens: Dual-Attention Pruning is skipped for "
+                     "them (nothing to prune); DDES still bounds their cache during decode", rows)
+
+    def prefill_kept_len(self, prompt_len: int, real_tokens: list[int], visual_tokens: list[int]) -> int:
+        config = self.config
         kept = min(prompt_len, config.capacity - 1)  # one slot stays free for the first decode token
         if config.max_visual_keep is not None:
             protected = config.sinks + max(config.window, 1)
@@ -48,20 +162,34 @@ class HAEPolicy(Policy):
             kept = min(kept, max(bound, 1))
         return kept
 
-    def decode_slot(self, config: HAEConfig, state: SlotState) -> torch.Tensor:
-        ddes_maintain(config, state)
+    def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        return dap_priority(self.config, prompt, attention[0])
+
+    def after_prefill(self, state: SlotState, rank: torch.Tensor, kept: torch.Tensor) -> None:
+        # the first `budget` tokens by priority are active, the others start in the bin
+        fill_prefix(state.extras["in_bin"], (kept & (rank >= self.config.budget)).to(torch.int8), 0)
+
+    def score_weights(self, layers: Sequence[int]) -> dict[int, float]:
+        config = self.config
+        if config.score_source == "dap_layer":
+            if config.dap_layer not in layers:
+                raise HAESiteError(
+                    f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
+                    f"over cache slots is in layers {sorted(set(layers))}"
+                )
+            return {config.dap_layer: 1.0}
+        return super().score_weights(layers)
+
+    def decode_slot(self, state: SlotState) -> torch.Tensor:
+        ddes_maintain(self.config, state)
         return first_free_slot(state.slot_pos)  # DDES always leaves one
 
 
 # -- prefill: Dual-Attention Pruning ---------------------------------------------------------------------------
 
-def dap_scores(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, modality: torch.Tensor,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token DAP statistics from one layer's attention.
-
-    Args:
-        query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
-        token_pos: `[B, T]` logical positions, -1 for padding. modality: `[B, T]` `TEXT`/`VISUAL`.
+def dap_scores(attention: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token DAP statistics from one layer's head-averaged attention `[B, Tq, Tk]`.
 
     Returns:
         `(total, peak, applies)`: `total[b, j]` and `peak[b, j]` are the sum and max, over the observation
@@ -69,18 +197,8 @@ def dap_scores(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, 
         attention on token `j`; `applies[b]` says whether the dual test applies (visual tokens and
         observation queries both exist).
     """
-    batch, q_heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    # in float32: the dual test compares shares of order 1e-3 against thresholds
-    grouped = query.to(torch.float32).reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
-    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
-    logits = logits.view(batch, q_heads, length, length)
-    valid = token_pos >= 0
-    causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
-    logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
-    attention = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, Tq, Tk]
-
-    visual = valid & (modality == VISUAL)
+    token_pos, valid = prompt.token_pos, prompt.valid
+    visual = valid & (prompt.modality == VISUAL)
     last_visual = torch.where(visual, token_pos, -1).amax(dim=-1, keepdim=True)
     observers = valid & ~visual & (token_pos > last_visual)
     attention = attention * observers.unsqueeze(-1)
@@ -90,46 +208,26 @@ def dap_scores(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, 
     return total, peak, applies
 
 
-def plan_prefill(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, token_modality: torch.Tensor,
-                 state: SlotState, prefill_keep: torch.Tensor, *, scale: float, kept_len: int, sinks: int,
-                 window: int, budget: int, r: float, alpha: float, max_visual_keep: int | None) -> None:
-    """Choose the prompt tokens to keep and fill the slot metadata (docs/hae.md, DAP steps 1-5), in place.
-
-    The keyword arguments are the `HAEConfig` fields of the same names (`budget = capacity - bin_size`).
-    Kept tokens go to slots `0..kept_len-1` in position order, padding first (left-padded, so the last prompt
-    token is in slot `kept_len - 1`); `prefill_keep[b, i]` is the prompt index that slot `i` holds.
-    """
-    total, peak, applies = dap_scores(query, key, token_pos, token_modality, scale)
-    valid = token_pos >= 0
-    visual = valid & (token_modality == VISUAL)
-    seen = (token_pos.amax(dim=-1, keepdim=True) + 1).clamp_min(0)
-    protected = valid & ((token_pos < sinks) | (token_pos >= seen - max(window, 1)))
+def dap_priority(config: HAEConfig, prompt: Prompt, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DAP steps 1-5 of docs/hae.md as priorities: protected tokens first, then text (DAP prunes images, not the
+    prompt's words), then visual, by `S0` within a tier; tokens the dual test (or the cap) evicts never. The score
+    each token starts with is its `S0`."""
+    total, peak, applies = dap_scores(attention, prompt)
+    token_pos, valid = prompt.token_pos, prompt.valid
+    visual = valid & (prompt.modality == VISUAL)
+    protected = valid & ((token_pos < config.sinks) | (token_pos >= prompt.seen - max(config.window, 1)))
 
     share = total / (total * visual).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    evicted = visual & applies.unsqueeze(-1) & (share < r) & (peak < alpha) & ~protected
-    if max_visual_keep is not None:
+    evicted = visual & applies.unsqueeze(-1) & (share < config.r) & (peak < config.alpha) & ~protected
+    if config.max_visual_keep is not None:
         eligible = visual & ~evicted & ~protected
-        evicted = evicted | (eligible & (_descending_rank(total, eligible) >= max_visual_keep))
+        evicted = evicted | (eligible & (_descending_rank(total, eligible) >= config.max_visual_keep))
     survivor = valid & ~evicted
 
-    # Tiers: protected, then text (DAP prunes images, not the prompt's words), then visual; by S0 within a tier.
     text_tier = torch.where(valid, total, 0.0).amax(dim=-1, keepdim=True) + 1.0
     ranked_score = torch.where(visual, total, total + text_tier)
     priority = torch.where(protected, MUST_KEEP, torch.where(survivor, ranked_score, NEVER_KEEP))
-    ranked_priority, ranked = priority.topk(kept_len, dim=-1)  # highest first: the first `budget` are active
-    ranked_valid = ranked_priority > NEVER_KEEP
-    ranked_in_bin = ranked_valid & (torch.arange(kept_len, device=ranked.device) >= budget)
-    ranked_pos = torch.where(ranked_valid, token_pos.gather(1, ranked), -1)
-    kept_pos, order = ranked_pos.sort(dim=-1, stable=True)  # padding (-1) first, then by position
-    keep = ranked.gather(1, order)
-    kept = kept_pos >= 0
-
-    prefill_keep[:, :kept_len].copy_(keep)
-    fill_prefix(state.slot_pos, kept_pos, -1)
-    fill_prefix(state.modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(state.modality.dtype), 0)
-    fill_prefix(state.score, torch.where(kept, total.gather(1, keep), 0.0), 0)
-    fill_prefix(state.in_bin, ranked_in_bin.gather(1, order).to(state.in_bin.dtype), 0)
-    state.seen.copy_(seen.squeeze(-1))
+    return priority, total
 
 
 def _descending_rank(values: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -147,7 +245,7 @@ _EVICTIONS_PER_STEP = 2
 
 def ddes_maintain(config: HAEConfig, state: SlotState) -> None:
     """One step of DDES bookkeeping (docs/hae.md, DDES steps 1-5), in place: decay, restore, evict, free."""
-    slot_pos, score, in_bin = state.slot_pos, state.score, state.in_bin
+    slot_pos, score, in_bin = state.slot_pos, state.score, state.extras["in_bin"]
     rows = torch.arange(slot_pos.shape[0], device=slot_pos.device)
     occupied = slot_pos >= 0
     if config.decay > 0:

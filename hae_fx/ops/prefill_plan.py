@@ -1,0 +1,95 @@
+"""`hae::prefill_plan_`: a policy's prefill decision (which prompt tokens each slot keeps), as one graph node.
+
+`HAECache` emits it during prefill: at layer 0 for a policy that reads no attention, else at the last layer of
+`Policy.prefill_layers`, with those layers' keys and no queries (a cache's `update` sees keys, never queries). The
+backend's plan pass (`hae_fx.passes.plan`) then finds those layers' attention, wires their queries and scales in,
+and moves the node after the last of them, together with the cache writes of the layers up to it, which must wait
+for the keep set. One node makes that move a single, checkable graph edit.
+
+The policy travels as its config's JSON key (`PolicyConfig.key`): custom op arguments cannot be Python objects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hae_fx.errors import HAESiteError
+from hae_fx.modality import TEXT
+from hae_fx.policies import policy_from_key
+from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
+
+
+def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """`[B, T, T]` softmax attention (query, key) averaged over query heads, causal over each sequence's real
+    tokens, in float32 (policies compare shares of order 1e-3 against thresholds).
+
+    Args:
+        query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
+        token_pos: `[B, T]` logical positions, -1 for padding.
+    """
+    batch, q_heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.to(torch.float32).reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
+    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
+    logits = logits.view(batch, q_heads, length, length)
+    valid = token_pos >= 0
+    causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
+    logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+@torch.library.custom_op("hae::prefill_plan_",
+                         mutates_args=("slot_pos", "score", "modality", "seen", "prefill_keep", "extras"))
+def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], scales: list[float],
+                  token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
+                  modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
+                  kept_len: int, config: str) -> None:
+    """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
+
+    `queries`/`keys`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`, keys
+    `[B, Hkv, T, D]` (after RoPE) and softmax scale. `config`: the policy config's key."""
+    plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
+                 extras, kept_len, config)
+
+
+@prefill_plan_.register_fake
+def _(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep, extras,
+      kept_len, config) -> None:
+    return None
+
+
+def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
+                 extras, kept_len, config) -> None:
+    """The op's reference implementation, shared with its Inductor decomposition.
+
+    The policy ranks the prompt tokens; the `kept_len` highest go to slots `0..kept_len-1` in position order,
+    padding first (left-padded, so the last prompt token is in slot `kept_len - 1`); `prefill_keep[b, i]` is the
+    prompt index that slot `i` holds.
+    """
+    if any(query is None for query in queries):
+        raise HAESiteError(
+            "hae::prefill_plan_ has no query: the hae backend's plan pass supplies the attention queries of the "
+            "layers the policy reads. Run the model through hae_fx.transform (or torch.compile(backend='hae')), "
+            "not eagerly"
+        )
+    policy = policy_from_key(config)
+    extra_names = list(policy.extra_buffers())
+    state = SlotState(slot_pos=slot_pos, score=score, modality=modality, seen=seen,
+                      extras=dict(zip(extra_names, extras, strict=True)))
+    prompt = Prompt(token_pos=token_pos, modality=token_modality)
+    attention = [mean_attention(q, k, token_pos, scale) for q, k, scale in zip(queries, keys, scales, strict=True)]
+    priority, token_score = policy.prefill_priority(prompt, attention)
+
+    ranked_priority, ranked = priority.topk(kept_len, dim=-1)  # highest first
+    ranked_valid = ranked_priority > NEVER_KEEP
+    ranked_pos = torch.where(ranked_valid, token_pos.gather(1, ranked), -1)
+    kept_pos, order = ranked_pos.sort(dim=-1, stable=True)  # padding (-1) first, then by position
+    keep = ranked.gather(1, order)
+    kept = kept_pos >= 0
+
+    prefill_keep[:, :kept_len].copy_(keep)
+    fill_prefix(slot_pos, kept_pos, -1)
+    fill_prefix(modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(modality.dtype), 0)
+    fill_prefix(score, torch.where(kept, token_score.gather(1, keep), 0.0), 0)
+    policy.after_prefill(state, rank=order, kept=kept)
+    seen.copy_(prompt.seen.squeeze(-1))
