@@ -83,6 +83,17 @@ def protected_slots(config: PolicyConfig, slot_pos: torch.Tensor, seen: torch.Te
     return (slot_pos < config.sinks) | (slot_pos >= seen.unsqueeze(-1) - config.window)
 
 
+def layers_mean(attention: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[B, T, T]`: the prefill attention of every layer read, averaged over those layers (how a policy that keeps
+    one index set for all layers reads per-layer attention, as the decode scores do by default)."""
+    return torch.stack(list(attention)).mean(dim=0)
+
+
+def prefill_protected(config: PolicyConfig, prompt: Prompt) -> torch.Tensor:
+    """`[B, T]`: real prompt tokens that are sinks or among the `window` most recent (as decode protects them)."""
+    return prompt.valid & protected_slots(config, prompt.token_pos, prompt.seen.squeeze(-1))
+
+
 def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
     """`[B]` slot of the smallest `key` among `candidates` (`[B, C]` bool), ties broken by the lowest position, so
     the choice never depends on where eviction happened to leave tokens. A row without candidates gets slot 0."""
@@ -161,7 +172,8 @@ class Policy:
                 heads, causal over each sequence's real tokens, in float32.
 
         Returns:
-            `(priority, score)`, both `[B, T]` float32: the `prefill_kept_len` highest priorities are kept (padding
+            `(priority, score)`, both `[B, T]` floating point (`score` float32): the `prefill_kept_len` highest
+            priorities are kept (padding
             must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with.
         """
         raise NotImplementedError

@@ -1,0 +1,138 @@
+"""An independent eager runner for score-based eviction rules, and the harness that holds hae_fx to it.
+
+It shares no code with hae_fx. A rule (one per policy, in that policy's test module, written from its paper) decides
+with plain Python sets and dicts which logical positions one unpadded sequence keeps. HF's own eager model with a
+`DynamicCache` computes logits and attention probabilities: the cache holds every position (keys after RoPE at their
+true positions), and an explicit 4-D additive mask lets each new token attend only to the kept ones, which is what
+an evicting cache must compute. Attention rows are averaged over query heads, then over layers, the reading every
+hae_fx policy that keeps one index set for all heads and layers uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+import hae_fx
+from hae_fx.cache import kept_positions
+from hae_fx.models.llava import tiny_llava
+from tests.conftest import llava_inputs
+
+
+class Rule(Protocol):
+    """A policy's eviction rule over one sequence. `attention[l]` is layer `l`'s `[T, T]` head-averaged prompt
+    attention; `visual[j]` says whether prompt token `j` is an image token; `seen` is the new token's position."""
+
+    def prefill(self, attention: list[torch.Tensor], visual: list[bool], capacity: int) -> dict[int, float]:
+        """The kept positions and the score each starts with."""
+
+    def victim(self, scores: dict[int, float], seen: int) -> int:
+        """The kept position a new token replaces when the cache is full."""
+
+    def attended(self, scores: dict[int, float], row: list[float]) -> None:
+        """Update the kept positions' scores with the new token's attention `row` (over all positions)."""
+
+
+@dataclass
+class OracleRun:
+    tokens: list[int]
+    kept: list[list[int]]  # after prefill, then after each decode step's placement
+    logits: torch.Tensor
+
+
+def _mean_heads(weights: torch.Tensor) -> torch.Tensor:
+    return weights[0].float().mean(dim=0)
+
+
+def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: int, new_tokens: int) -> OracleRun:
+    """Greedy generation of one unpadded sequence under `rule` (`model`: HF LLaVA with eager attention)."""
+    input_ids = inputs["input_ids"]
+    assert input_ids.shape[0] == 1, "the oracle runs one sequence at a time"
+    prompt_len = input_ids.shape[1]
+    visual = (input_ids[0] == model.config.image_token_id).tolist()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), past_key_values=cache,
+                    use_cache=True, output_attentions=True)
+    scores = rule.prefill([_mean_heads(w) for w in out.attentions], visual, capacity)
+    assert len(scores) == min(prompt_len, capacity)
+    kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
+    for step in range(1, new_tokens):
+        position = prompt_len + step - 1
+        if len(scores) >= capacity:
+            del scores[rule.victim(scores, position)]
+        scores[position] = 0.0
+        kept.append(sorted(scores))
+        mask = torch.full((1, 1, 1, position + 1), float("-inf"))
+        mask[..., sorted(scores)] = 0.0
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, attention_mask=mask,
+                        position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
+        rows = torch.stack([_mean_heads(w)[-1] for w in out.attentions]).mean(dim=0)
+        rule.attended(scores, rows.tolist())
+        logits.append(out.logits[0, -1])
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return OracleRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
+
+
+def lowest(scores: dict[int, float], candidates: list[int]) -> int:
+    """The candidate with the smallest score, ties to the lowest position."""
+    return min(candidates, key=lambda j: (scores[j], j))
+
+
+def unprotected(positions, seen: int, sinks: int, window: int) -> list[int]:
+    return [j for j in positions if j >= sinks and j < seen - window]
+
+
+class _RecordKept(LogitsProcessor):
+    def __init__(self, cache):
+        self.cache, self.kept = cache, []
+
+    def __call__(self, input_ids, scores):
+        self.kept.append(kept_positions(self.cache))
+        return scores
+
+
+def model_for(seed: int, **kwargs):
+    """A tiny LLaVA whose random attention is spread out enough for eviction to have real choices."""
+    return tiny_llava(seed=seed, initializer_range=0.2, **kwargs)
+
+
+def check_against_rule(config, make_rule, *, seed: int, new_tokens: int = 100) -> list[OracleRun]:
+    """Generate a left-padded batch of 2 under `config` (eager-reference path) and under the oracle `make_rule()`
+    per sequence; the kept positions after prefill and every step, and the tokens, must be identical."""
+    model = hae_fx.transform(model_for(seed), config, options={"hae.compiler": "eager"})
+    inputs = llava_inputs(model, 2, seed=seed)
+    recorder = _RecordKept(hae_fx.HAECache.for_model(model, config, batch=2))
+    out = model.generate(**inputs, past_key_values=recorder.cache, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, logits_processor=LogitsProcessorList([recorder]))
+    reference = model_for(seed, attn_implementation="eager")
+    width = inputs["input_ids"].shape[1]
+    runs = []
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
+                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        run = run_rule(reference, sequence, make_rule(), capacity=config.capacity, new_tokens=new_tokens)
+        assert [kept[row] for kept in recorder.kept] == run.kept, f"sequence {row}"
+        assert out.sequences[row, width:].tolist() == run.tokens, f"sequence {row}"
+        torch.testing.assert_close(torch.stack([step[row] for step in out.logits]), run.logits, atol=1e-4,
+                                   rtol=1e-4)
+        runs.append(run)
+    return runs
+
+
+def victims(run: OracleRun) -> list[int]:
+    """The positions each decode step evicted (steps that evicted nothing are left out)."""
+    return [gone for before, after in zip(run.kept, run.kept[1:], strict=False) for gone in set(before) - set(after)]
+
+
+def evicts_by_score(run: OracleRun, sinks: int) -> bool:
+    """Whether some step evicted a token other than the oldest unprotected one (the rule is not recency)."""
+    steps = zip(run.kept, run.kept[1:], strict=False)
+    return any(set(before) - set(after) != {min(j for j in before if j >= sinks)} for before, after in steps
+               if set(before) - set(after))
