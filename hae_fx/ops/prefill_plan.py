@@ -62,9 +62,9 @@ def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, sco
                  extras, kept_len, config) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
-    The policy ranks the prompt tokens; the `kept_len` highest go to slots `0..kept_len-1` in position order,
-    padding first (left-padded, so the last prompt token is in slot `kept_len - 1`); `prefill_keep[b, i]` is the
-    prompt index that slot `i` holds.
+    The policy ranks the prompt tokens; the `kept_len` highest (equal priorities: the lower position first) go to
+    slots `0..kept_len-1` in position order, padding first (left-padded, so the last prompt token is in slot
+    `kept_len - 1`); `prefill_keep[b, i]` is the prompt index that slot `i` holds.
     """
     if any(query is None for query in queries):
         raise HAESiteError(
@@ -80,7 +80,9 @@ def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, sco
     attention = [mean_attention(q, k, token_pos, scale) for q, k, scale in zip(queries, keys, scales, strict=True)]
     priority, token_score = policy.prefill_priority(prompt, attention)
 
-    ranked_priority, ranked = priority.topk(kept_len, dim=-1)  # highest first
+    # highest first, ties to the lower index (so the lower position): a stable sort, where topk's order is unspecified
+    ranked_priority, ranked = priority.sort(dim=-1, descending=True, stable=True)
+    ranked_priority, ranked = ranked_priority[:, :kept_len], ranked[:, :kept_len]
     ranked_valid = ranked_priority > NEVER_KEEP
     ranked_pos = torch.where(ranked_valid, token_pos.gather(1, ranked), -1)
     kept_pos, order = ranked_pos.sort(dim=-1, stable=True)  # padding (-1) first, then by position
