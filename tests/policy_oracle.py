@@ -24,7 +24,10 @@ from tests.conftest import llava_inputs
 
 class Rule(Protocol):
     """A policy's eviction rule over one sequence. `attention[l]` is layer `l`'s `[T, T]` head-averaged prompt
-    attention; `visual[j]` says whether prompt token `j` is an image token; `seen` is the new token's position."""
+    attention; `visual[j]` says whether prompt token `j` is an image token; `seen` is the new token's position.
+
+    A rule with a `prune_after` layer index decides right after that layer's attention, from layers
+    `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning)."""
 
     def prefill(self, attention: list[torch.Tensor], visual: list[bool], capacity: int) -> dict[int, float]:
         """The kept positions and the score each starts with."""
@@ -54,10 +57,7 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     prompt_len = input_ids.shape[1]
     visual = (input_ids[0] == model.config.image_token_id).tolist()
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), past_key_values=cache,
-                    use_cache=True, output_attentions=True)
-    scores = rule.prefill([_mean_heads(w) for w in out.attentions], visual, capacity)
+    out, scores = _prefill(model, input_ids, inputs.get("pixel_values"), cache, rule, visual, capacity)
     assert len(scores) == min(prompt_len, capacity)
     kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
     for step in range(1, new_tokens):
@@ -76,6 +76,41 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
         logits.append(out.logits[0, -1])
         tokens.append(int(out.logits[0, -1].argmax()))
     return OracleRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
+
+
+def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[bool], capacity: int):
+    """The prompt forward; returns its output and the rule's kept positions with their scores."""
+    layers = model.model.language_model.layers
+    prompt_len = input_ids.shape[1]
+    prune_after = getattr(rule, "prune_after", None)
+    decided: dict[str, dict[int, float]] = {}
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, output) -> None:
+        captured.append(_mean_heads(output[1]))
+        if len(captured) - 1 == prune_after:
+            decided["scores"] = rule.prefill(captured, visual, capacity)
+
+    def mask_pruned(module, args, kwargs):
+        kept = torch.zeros(prompt_len, dtype=torch.bool)
+        kept[sorted(decided["scores"])] = True
+        see = (torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril() & kept) | torch.eye(prompt_len,
+                                                                                                dtype=torch.bool)
+        kwargs["attention_mask"] = torch.zeros(prompt_len, prompt_len).masked_fill(~see, float("-inf"))[None, None]
+        return args, kwargs
+
+    handles = [layer.self_attn.register_forward_hook(capture) for layer in layers]
+    if prune_after is not None:
+        later = layers[prune_after + 1:]
+        handles += [layer.register_forward_pre_hook(mask_pruned, with_kwargs=True) for layer in later]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
+                        output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, decided["scores"] if prune_after is not None else rule.prefill(captured, visual, capacity)
 
 
 def lowest(scores: dict[int, float], candidates: list[int]) -> int:
