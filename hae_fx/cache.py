@@ -185,8 +185,8 @@ class HAECache(Cache):
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
         rings = [layer.ring_pos for layer in self.layers if layer.ring_pos is not None]
-        meta = rings + [self.slot_pos, self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep]
-        return kv + meta
+        meta = [self.slot_pos, self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep]
+        return kv + rings + meta
 
     @property
     def nbytes(self) -> int:
