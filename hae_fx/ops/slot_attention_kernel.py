@@ -98,7 +98,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_p
                 s = tl.dot(q, tl.trans(k))
         else:
             s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = s * scale_log2
+        s = (s * scale_log2).to(tl.float32)  # Inductor passes Python floats as fp64 scalars
         pos = tl.load(pos_ptr + b * stride_pb + c * stride_pc, mask=c_ok, other=-1)
         s = tl.where((pos >= 0)[None, :], s, FREE_SLOT_LOGIT)
         s = tl.where(c_ok[None, :], s, float("-inf"))
@@ -172,7 +172,7 @@ def _weight_kernel(logit_ptr, row_ml_ptr, weight_ptr, capacity, logit_stride, ro
         s = tl.load(logit_ptr + flat_row[:, None] * logit_stride + c[None, :], mask=r_ok[:, None] & c_ok[None, :],
                     other=float("-inf"))
         total += tl.sum(tl.exp2(s - m[:, None]) * inv_l[:, None], axis=0)
-    tl.store(weight_ptr + b * capacity + c, total * inv_q_heads, mask=c_ok)
+    tl.store(weight_ptr + b * capacity + c, (total * inv_q_heads).to(tl.float32), mask=c_ok)
 
 
 def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
