@@ -70,6 +70,8 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
+    family.check_supported(model)
+    family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     _check_policy_fits_model(config, family, model)
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 

@@ -80,6 +80,21 @@ class ModelFamily:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return kv_heads, head_dim
 
+    def check_supported(self, model: torch.nn.Module) -> None:
+        """Refuse layouts the config announces and hae_fx cannot compute exactly.
+
+        ALiBi (`alibi=True`, Falcon; MPT's `attn_config.alibi`) adds a per-key position bias to the attention
+        logits, sized by the sequence rather than the slots; the rewritten attention would drop it.
+        """
+        text = self.text_config(model)
+        attn_config = getattr(text, "attn_config", None)
+        if getattr(text, "alibi", False) or getattr(attn_config, "alibi", False):
+            raise HAEUnsupportedModelError(
+                f"{type(model).__name__} uses ALiBi position biases (config alibi=True): its attention adds a bias per "
+                "key position that hae::slot_attention over fixed slots does not apply; hae_fx supports rotary and "
+                "learned absolute positions"
+            )
+
     def layer_kinds(self, model: torch.nn.Module) -> list[LayerKind]:
         """Each decoder layer's attention kind (global, sliding window, chunked)."""
         return layer_kinds(self.text_config(model))
