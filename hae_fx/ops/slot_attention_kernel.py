@@ -149,7 +149,7 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, row_ml_ptr, D: tl.conste
     l_row = tl.sum(l_part * w, axis=0)
     acc = tl.load(part_acc_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                   other=0.0)
-    out = tl.sum(acc, axis=0) / l_row
+    out = tl.sum(acc * w[:, None], axis=0) / l_row
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
     if NEED_WEIGHT:
         tl.store(row_ml_ptr + row * 2, m_row)
