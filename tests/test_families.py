@@ -152,3 +152,18 @@ def test_layer_kinds_from_configs():
     assert layer_kinds(chunked) == [LayerKind(CHUNKED, 16), LayerKind(FULL)]
     with pytest.raises(HAEUnsupportedModelError, match="layer type 'linear_attention'"):
         layer_kinds(SimpleNamespace(**base, layer_types=["full_attention", "linear_attention", "full_attention"]))
+
+
+def test_inspect_lists_layer_kinds_sites_and_plan():
+    family = BY_NAME["gemma3-text"]
+    model = _transformed(family, HAEConfig(policy="streaming", capacity=10, sinks=2, window=3), family.build())
+    before = hae_fx.inspect(model)
+    assert "not compiled yet" in str(before)
+    assert [layer.kind for layer in before.layers] == [f"sliding {WINDOW}"] * 5 + ["global", f"sliding {WINDOW}"]
+    model.generate(**family.inputs(1), max_new_tokens=3, do_sample=False)
+    after = hae_fx.inspect(model)
+    assert [layer.decode_sites for layer in after.layers] == [("sdpa",)] * 7
+    assert [layer.slots for layer in after.layers] == [WINDOW] * 5 + [10, WINDOW]
+    assert "decode graph 0: 7 attention site(s) rewritten" in str(after)
+    with pytest.raises(hae_fx.HAEError, match="call hae_fx.transform"):
+        hae_fx.inspect(family.build())
