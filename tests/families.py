@@ -137,6 +137,10 @@ FAMILIES: tuple[Family, ...] = (
         eos_token_id=2)),
     Family("gemma3-text", _text("gemma3_text", num_hidden_layers=7, sliding_window=WINDOW, head_dim=16,
                                 query_pre_attn_scalar=16), windowed=True),
+    Family("llama4-chunked", lambda: AutoConfig.for_model(
+        "llama4_text", **{**_TEXT, "head_dim": 16, "intermediate_size_mlp": 128, "attention_chunk_size": WINDOW - 1,
+                          "num_local_experts": 2, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2}),
+           windowed=True),
     Family("qwen2-vl", _qwen_vl("qwen2_vl"), image_tokens=4, extra_inputs=_qwen_vl_pixels),
     Family("qwen2.5-vl", _qwen_vl("qwen2_5_vl"), image_tokens=4, extra_inputs=_qwen_vl_pixels),
     Family("qwen3-vl", _qwen_vl("qwen3_vl"), image_tokens=4, extra_inputs=_qwen_vl_pixels),

@@ -27,9 +27,10 @@ KEEP_RULES = {"streaming": streaming_keep, "full": full_keep}
 
 
 def decode_masks(model, kept: list[int], position: int) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The additive mask(s) of the decode query at `position`: global layers see the `kept` positions, sliding-window
-    layers (the config's `sliding_window`, on the layers its `layer_types` mark sliding, or on all layers when it
-    has none) the last `sliding_window` positions, whatever the policy evicted."""
+    """The additive mask(s) of the decode query at `position`: global layers see the `kept` positions whatever their
+    kind; windowed layers, whatever the policy evicted, see the last `sliding_window` positions (on the layers the
+    config's `layer_types` mark sliding, or on all layers when it has none) or the positions of the query's chunk of
+    `attention_chunk_size` (layers marked chunked)."""
     def allowing(positions) -> torch.Tensor:
         mask = torch.full((1, 1, 1, position + 1), float("-inf"))
         mask[..., list(positions)] = 0.0
@@ -38,12 +39,15 @@ def decode_masks(model, kept: list[int], position: int) -> torch.Tensor | dict[s
     text = model.config.get_text_config(decoder=True)
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
-        return allowing(kept)
-    recent = range(max(position - window + 1, 0), position + 1)
     if layer_types is None:
-        return allowing(recent)
-    return {"full_attention": allowing(kept), "sliding_attention": allowing(recent)}
+        return allowing(kept if window is None else range(max(position - window + 1, 0), position + 1))
+    masks = {"full_attention": allowing(kept)}
+    if "sliding_attention" in layer_types:
+        masks["sliding_attention"] = allowing(range(max(position - window + 1, 0), position + 1))
+    if "chunked_attention" in layer_types:
+        chunk = text.attention_chunk_size
+        masks["chunked_attention"] = allowing(range(position // chunk * chunk, position + 1))
+    return masks
 
 
 def run_oracle(model, inputs: dict[str, torch.Tensor], *, policy: str, capacity: int, sinks: int,
