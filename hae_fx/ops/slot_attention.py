@@ -5,8 +5,9 @@ Slots hold tokens in whatever order eviction left them, so validity comes from t
 (mean over query heads, summed over queries): the score that H2O-style and HAE policies accumulate;
 `hae::slot_attention_no_weight` is the same attention without that output, for policies that read no scores.
 
-On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`), eagerly and through
-their Inductor decompositions; elsewhere, and for shapes the kernel does not take, they run `attend_slots`.
+On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`): eagerly, and under
+Inductor and AOTInductor traced into its kernels; elsewhere, and for shapes the kernel does not take, they run
+`attend_slots`.
 """
 
 from __future__ import annotations
