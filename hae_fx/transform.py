@@ -18,8 +18,10 @@ code); decode never runs it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import re
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -160,13 +162,36 @@ def _check_policy_fits_model(config: HAEConfig, family: ModelFamily, model: torc
 
 @contextlib.contextmanager
 def _hae_errors_unwrapped() -> Iterator[None]:
-    """Re-raise an `HAEError` from the hae backend as itself, not wrapped in Dynamo's BackendCompilerFailed."""
+    """Re-raise an `HAEError` as itself, not wrapped by Dynamo: raised by the hae backend (BackendCompilerFailed) or
+    by hae_fx code Dynamo was tracing (Unsupported, caused by an `Observed<Name>Error`)."""
     try:
         yield
     except torch._dynamo.exc.BackendCompilerFailed as error:
         if isinstance(error.inner_exception, HAEError):
             raise error.inner_exception from None
         raise
+    except torch._dynamo.exc.Unsupported as error:
+        traced = _traced_hae_error(error)
+        if traced is not None:
+            raise traced from None
+        raise
+
+
+def _traced_hae_error(error: BaseException) -> HAEError | None:
+    """The `HAEError` that hae_fx code raised while Dynamo traced it, rebuilt from Dynamo's record of it."""
+    observed_types = {observed: raised for raised, observed in torch._dynamo.exc.observed_exception_map.items()}
+    cause: BaseException | None = error
+    while cause is not None:
+        raised = observed_types.get(type(cause))
+        if raised is not None and issubclass(raised, HAEError) and cause.args:
+            text = str(cause.args[0])
+            match = re.fullmatch(rf"raised exception {raised.__name__}\((.*)\)", text, flags=re.DOTALL)
+            if match:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    text = str(ast.literal_eval(match.group(1)))
+            return raised(text)
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
