@@ -1,9 +1,17 @@
 """`HAECache`: an HF `Cache` whose memory is fixed at construction, whatever the prompt or generation length.
 
 Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata, which
-`hae_fx.slots.SlotBuffers` owns (names, allocation, reset, the prefill plan's arguments). Every tensor is
-allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs read them as
-fixed-address inputs that CUDA graphs can capture.
+`hae_fx.slots.SlotBuffers` owns (names, allocation, reset, the prefill plan's arguments), because policies
+broadcast one index set to every layer.
+
+Sliding-window and chunked layers (`hae_fx.layer_kinds`) never need more than their span of keys: each holds a
+ring of `min(span, capacity)` slots instead, where the token at position `p` lives in slot `p % ring`, with its
+own `ring_pos [B, ring]` (the position held, -1 when empty or outside the query's chunk). Eviction policies act on
+the global layers; a ring only ever drops what its layer can no longer see.
+
+Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
+read them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use
+to recognise cache tensors among a graph's inputs.
 
 The cache's `update` decides where new keys go (through the policy) and writes them with `hae::slot_write_`; the
 prefill's keep set comes from `hae::prefill_plan_`, the policy's decision as one graph node.
@@ -18,36 +26,51 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAECapacityError
+from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
+from hae_fx.layer_kinds import FULL, LayerKind
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.policies import policy_for
+from hae_fx.ring import ring_decode_slot, ring_prefill
 from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
 
 __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
 
 
 class HAELayer(CacheLayerMixin):
-    """One decoder layer's K/V slots; the slot metadata lives on the owning `HAECache`."""
+    """One decoder layer's K/V slots.
+
+    A global layer's slots follow the cache's shared slot metadata (`HAECache.slot_pos`, the policy's choice); a
+    windowed layer (sliding or chunked) is a ring of `min(span, capacity)` slots with its own `ring_pos`.
+    """
 
     is_compileable = True
-    is_sliding = False
 
-    def __init__(self, cache: HAECache, layer_idx: int) -> None:
+    def __init__(self, cache: HAECache, layer_idx: int, kind: LayerKind) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.kind = kind
+        self.slots = kind.cache_slots(cache.capacity)
+        self.ring_pos: torch.Tensor | None = None
+
+    @property
+    def is_sliding(self) -> bool:
+        """HF's mask builders pick their per-kind sizes from the first layer that says so."""
+        return self.kind.windowed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("HAECache allocates its buffers up front; call HAECache.allocate(...) before use")
 
     def allocate(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        capacity = self.cache.capacity
-        shape = (batch, kv_heads, capacity, head_dim)
+        shape = (batch, kv_heads, self.slots, head_dim)
         config = self.cache.config
         self.keys = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
                                   CacheRole("keys", self.layer_idx, config))
         self.values = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
                                     CacheRole("values", self.layer_idx, config))
+        if self.kind.windowed:
+            ring = torch.full((batch, self.slots), -1, dtype=torch.int64, device=device)
+            self.ring_pos = static_buffer(ring, CacheRole("ring_pos", self.layer_idx, config))
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -55,15 +78,15 @@ class HAELayer(CacheLayerMixin):
         return self.cache.write_layer(self.layer_idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Prefill attends over the fresh prompt keys; decode's mask is rebuilt by hae::slot_attention from
-        # slot_pos, so the size here only has to be well formed.
-        return (query_length, 0) if not self.cache.prefilled else (self.cache.capacity, 0)
+        # Prefill attends over the fresh prompt keys under HF's own mask; decode's mask is rebuilt by
+        # hae::slot_attention from slot_pos (or ring_pos), so there the size only has to match the slots.
+        return (query_length, 0) if not self.cache.prefilled else (self.slots, 0)
 
     def get_seq_length(self) -> torch.Tensor | int:
         return self.cache.seen.amax()
 
     def get_max_length(self) -> int:
-        return self.cache.capacity
+        return self.slots
 
     def reset(self) -> None:
         self.cache.reset()
@@ -78,22 +101,28 @@ class HAECache(Cache):
         batch: sequences per generate call; fixed for the life of the cache.
         kv_heads, head_dim: attention geometry of the decoder.
         dtype, device: of the K/V buffers (the metadata uses its own dtypes).
+        layer_kinds: each layer's attention span (`hae_fx.layer_kinds`); all global when None.
     """
 
     def __init__(self, config: PolicyConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        layers = [HAELayer(self, i) for i in range(num_layers)]
-        super().__init__(layers=layers)
+                 dtype: torch.dtype, device: torch.device | str, layer_kinds: list[LayerKind] | None = None) -> None:
+        if layer_kinds is None:
+            layer_kinds = [LayerKind(FULL)] * num_layers
+        if len(layer_kinds) != num_layers:
+            raise ValueError(f"{len(layer_kinds)} layer kinds for {num_layers} layers")
         self.config = config
-        self.policy = policy_for(config)
         self.capacity = config.capacity
+        layers = [HAELayer(self, i, kind) for i, kind in enumerate(layer_kinds)]
+        super().__init__(layers=layers)
+        self.policy = policy_for(config)
         self.batch = batch
         device = torch.device(device)
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
         self.slots = SlotBuffers(config, self.policy, batch, device)
         #: the layers whose prompt attention the policy's prefill plan reads, and the one that emits the plan
-        self.plan_layers = self.policy.prefill_layers(num_layers)
+        global_layers = [index for index, kind in enumerate(layer_kinds) if not kind.windowed]
+        self.plan_layers = self.policy.prefill_layers(global_layers)
         self.plan_emitted_at = max(self.plan_layers, default=0)
         self.pruned_after = self.policy.pruned_after()
         self.config_key = config.key()  # computed here: JSON encoding cannot be traced
@@ -137,13 +166,14 @@ class HAECache(Cache):
         family = family_of(model)
         kv_heads, head_dim = family.kv_geometry(model)
         return cls(config, num_layers=family.num_layers(model), batch=batch, kv_heads=kv_heads,
-                   head_dim=head_dim, dtype=model.dtype, device=model.device)
+                   head_dim=head_dim, dtype=model.dtype, device=model.device, layer_kinds=family.layer_kinds(model))
 
     # -- memory ------------------------------------------------------------------------------------------------
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
-        return kv + self.slots.tensors()
+        rings = [layer.ring_pos for layer in self.layers if layer.ring_pos is not None]
+        return kv + rings + self.slots.tensors()
 
     @property
     def nbytes(self) -> int:
@@ -154,6 +184,12 @@ class HAECache(Cache):
     def kv_nbytes(self) -> int:
         """Bytes of the K/V buffers alone."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K/V bytes one token takes across every layer: what a full cache pays per token of the sequence."""
+        return sum(t.numel() * t.element_size() // layer.slots for layer in self.layers
+                   for t in (layer.keys, layer.values))
 
     # -- lifecycle (called eagerly, outside compiled graphs) ---------------------------------------------------
     def begin_prefill(self, token_pos: torch.Tensor, modality: torch.Tensor | None = None) -> None:
@@ -191,6 +227,15 @@ class HAECache(Cache):
         self.tokens_seen = int(self.seen.amax())
         self.prefill_kept = kept_positions(self)
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """0, for HF's mask builders only.
+
+        They index position-keyed mask functions (Gemma 3's bidirectional image blocks, PaliGemma's prefix) by
+        `query offset + i` over keys `0..kv_length-1`. Prefill starts at offset 0 anyway; at decode the masks over
+        the slots are dropped by the rewrite (`hae::slot_attention` masks by slot position), and an offset of the
+        true position would index past the slot range."""
+        return 0
+
     def begin_decode_step(self) -> None:
         """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
         if not self.prefilled:
@@ -206,6 +251,8 @@ class HAECache(Cache):
         for layer in self.layers:
             layer.keys.zero_()
             layer.values.zero_()
+            if layer.ring_pos is not None:
+                layer.ring_pos.fill_(-1)
         self.slots.reset()
         self.prompt_visual_positions = [[] for _ in range(self.batch)]
         self.prefill_kept = [[] for _ in range(self.batch)]
@@ -214,6 +261,7 @@ class HAECache(Cache):
 
     # -- traced into the compiled graphs ----------------------------------------------------------------------
     def write_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        self._check_geometry(layer_idx, key_states)
         if not self.prefilled:
             return self._prefill_write(layer_idx, key_states, value_states)
         if key_states.shape[2] != 1:
@@ -228,27 +276,50 @@ class HAECache(Cache):
             )
         return self._decode_write(layer_idx, key_states, value_states)
 
+    def _check_geometry(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        allocated = self.layers[layer_idx].keys
+        if key_states.dim() != 4 or key_states.shape[1] != allocated.shape[1] or \
+                key_states.shape[3] != allocated.shape[3]:
+            raise HAEUnsupportedModelError(
+                f"decoder layer {layer_idx} caches keys of shape {tuple(key_states.shape)} ([batch, kv_heads, tokens, "
+                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]} "
+                "from the model's config; the config names its attention geometry in a way hae_fx does not read "
+                "(ModelFamily.kv_geometry): build the cache with HAECache(..., kv_heads=, head_dim=) or add a family "
+                "entry in hae_fx.models"
+            )
+
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
             raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
         kept = self.prefill_kept_len
         layer = self.layers[layer_idx]
+        pruned = self.pruned_after is not None and layer_idx > self.pruned_after
         if layer_idx in self.plan_layers:
             self._plan_keys[layer_idx] = key_states
         if layer_idx == self.plan_emitted_at:
             self._emit_prefill_plan()
-        if self.pruned_after is not None and layer_idx > self.pruned_after:
+        if layer.kind.windowed:
+            # hae_fx.pruning gathered a pruned layer's inputs to the kept tokens, whose positions the plan wrote
+            token_pos = self.slot_pos[:, :kept] if pruned else self.prompt_pos
+            self._check_prompt_tokens(layer_idx, key_states, token_pos.shape[1])
+            ring_keep = ring_prefill(layer.ring_pos, token_pos, self.prompt_pos)
+            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, ring_keep, layer.slots)
+            return key_states, value_states
+        if pruned:
             # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
-            if key_states.shape[2] != kept:
-                raise RuntimeError(
-                    f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected the {kept} "
-                    "kept at prefill; prune_hidden needs the model transformed by hae_fx.transform"
-                )
+            self._check_prompt_tokens(layer_idx, key_states, kept)
             slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
             torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
             return key_states, value_states
         torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep, kept)
         return key_states, value_states
+
+    def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:
+        if key_states.shape[2] != expected:
+            raise RuntimeError(
+                f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected {expected}; "
+                "prune_hidden needs the model transformed by hae_fx.transform"
+            )
 
     def _emit_prefill_plan(self) -> None:
         """Emit `hae::prefill_plan_` with the keys of the layers the policy reads and no queries: the backend's
@@ -264,8 +335,8 @@ class HAECache(Cache):
         if layer_idx == 0:
             self._plan_decode_step()
         layer = self.layers[layer_idx]
-        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states,
-                                  self.slots.step_slot.view(-1, 1))
+        slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else self.slots.step_slot
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1))
         return layer.keys, layer.values
 
     def _plan_decode_step(self) -> None:

@@ -18,8 +18,10 @@ code); decode never runs it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import re
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,7 +32,7 @@ from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
-from hae_fx.models import ModelFamily, family_of
+from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
@@ -56,7 +58,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
 
     Args:
-        model: an HF model of a supported family (`hae_fx.models.FAMILIES`).
+        model: an HF generative model (`hae_fx.models.family_of` reads its decoder, geometry and layer kinds).
         config: the eviction policy's config (`hae_fx.HAEConfig(policy=...)`, or a config class of
             `hae_fx.policies`, e.g. `hae_fx.policies.snapkv.SnapKVConfig(...)`); `HAEConfig()` when None.
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
@@ -71,6 +73,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
+    family.check_supported(model)
+    family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     policy.check_model(family.num_layers(model))
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
@@ -137,7 +141,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         return eager_generate(*args, **kwargs)
 
     if policy.pruned_after() is not None:
-        install_hidden_pruning(list(language_model.layers), policy.pruned_after())
+        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), policy.pruned_after())
     language_model.forward = language_forward
     model.forward = forward
     model.generate = generate
@@ -148,13 +152,36 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 
 @contextlib.contextmanager
 def _hae_errors_unwrapped() -> Iterator[None]:
-    """Re-raise an `HAEError` from the hae backend as itself, not wrapped in Dynamo's BackendCompilerFailed."""
+    """Re-raise an `HAEError` as itself, not wrapped by Dynamo: raised by the hae backend (BackendCompilerFailed) or
+    by hae_fx code Dynamo was tracing (Unsupported, caused by an `Observed<Name>Error`)."""
     try:
         yield
     except torch._dynamo.exc.BackendCompilerFailed as error:
         if isinstance(error.inner_exception, HAEError):
             raise error.inner_exception from None
         raise
+    except torch._dynamo.exc.Unsupported as error:
+        traced = _traced_hae_error(error)
+        if traced is not None:
+            raise traced from None
+        raise
+
+
+def _traced_hae_error(error: BaseException) -> HAEError | None:
+    """The `HAEError` that hae_fx code raised while Dynamo traced it, rebuilt from Dynamo's record of it."""
+    observed_types = {observed: raised for raised, observed in torch._dynamo.exc.observed_exception_map.items()}
+    cause: BaseException | None = error
+    while cause is not None:
+        raised = observed_types.get(type(cause))
+        if raised is not None and issubclass(raised, HAEError) and cause.args:
+            text = str(cause.args[0])
+            match = re.fullmatch(rf"raised exception {raised.__name__}\((.*)\)", text, flags=re.DOTALL)
+            if match:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    text = str(ast.literal_eval(match.group(1)))
+            return raised(text)
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -162,14 +189,17 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     """`(token_pos, modality)` of a prompt forward: logical positions (-1 for padding) and TEXT/VISUAL tags.
 
     Padding is read from the attention mask as HF passes it: 2-D `[B, T]`, 4-D `[B, 1, T, T]` (a token is real
-    iff it may attend to itself), or None (no padding).
+    iff it may attend to itself), a dict of those per layer type (transformers 5.x, for configs with
+    `layer_types`), or None (no padding).
     """
     prompt = _prompt_tensor(args, kwargs)
     batch, length = prompt.shape[:2]
     device = prompt.device
     valid = _token_validity(kwargs.get("attention_mask"), batch, length, device)
     position_ids = kwargs.get("position_ids")
-    if position_ids is None:
+    if position_ids is None or position_ids.dim() != 2:
+        # a token's logical position counts the tokens before it; 3-D mRoPE positions (Qwen2-VL and kin) are the
+        # model's business, and it continues them at decode from the cache's length and its own rope delta
         position_ids = valid.long().cumsum(-1) - 1
     token_pos = torch.where(valid, position_ids.expand(batch, length).to(device), -1)
 
@@ -181,8 +211,11 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     return token_pos, modality
 
 
-def _token_validity(attention_mask: torch.Tensor | None, batch: int, length: int,
+def _token_validity(attention_mask: torch.Tensor | dict[str, torch.Tensor] | None, batch: int, length: int,
                     device: torch.device) -> torch.Tensor:
+    if isinstance(attention_mask, dict):
+        # every layer type's mask lets a real token attend to itself, so any of them tells padding apart
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:

@@ -141,9 +141,10 @@ class Policy:
         return torch.zeros_like(state.slot_pos, dtype=torch.bool)
 
     # -- prefill -------------------------------------------------------------------------------------------------
-    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Decoder layers whose prompt attention `prefill_priority` reads, ascending; () for none. The core writes
-        no layer's cache before the last of them has attended (index broadcasting)."""
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
+        """Decoder layers whose prompt attention `prefill_priority` reads, ascending; () for none. `global_layers`
+        are the model's layers with full attention (sliding-window and chunked layers keep rings of their own, not
+        the slots a policy evicts from). The core writes no layer's cache before the last of them has attended."""
         return ()
 
     def pruned_after(self) -> int | None:

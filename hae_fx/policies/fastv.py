@@ -56,7 +56,7 @@ class FastVPolicy(Policy):
                 f"1..{num_layers}"
             )
 
-    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
         return (self.config.layer - 1,)
 
     def pruned_after(self) -> int | None:

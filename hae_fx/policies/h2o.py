@@ -42,8 +42,8 @@ class H2OConfig(PolicyConfig):
 class H2OPolicy(Policy):
     config_class = H2OConfig
 
-    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
-        return tuple(range(num_layers))
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
+        return tuple(global_layers)
 
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,7 +140,7 @@ class HAEPolicy(Policy):
     def binned(self, state: SlotState) -> torch.Tensor:
         return state.extras["in_bin"] != 0
 
-    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
         return (self.config.dap_layer,)
 
     def pruned_after(self) -> int | None:
@@ -176,7 +176,8 @@ class HAEPolicy(Policy):
             if config.dap_layer not in layers:
                 raise HAESiteError(
                     f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
-                    f"over cache slots is in layers {sorted(set(layers))}"
+                    f"over the evicting (global) cache slots is in layers {sorted(set(layers))}; choose a global "
+                    "layer as dap_layer or score_source='layers_mean'"
                 )
             return {config.dap_layer: 1.0}
         return super().score_weights(layers)

@@ -44,8 +44,8 @@ class TOVAConfig(PolicyConfig):
 class TOVAPolicy(Policy):
     config_class = TOVAConfig
 
-    def prefill_layers(self, num_layers: int) -> tuple[int, ...]:
-        return tuple(range(num_layers))
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
+        return tuple(global_layers)
 
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
