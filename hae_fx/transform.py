@@ -186,7 +186,8 @@ def _traced_hae_error(error: BaseException) -> HAEError | None:
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(token_pos, modality)` of a prompt forward: logical positions (-1 for padding) and TEXT/VISUAL tags.
+    """`(token_pos, modality)` of a prompt forward: logical positions (tokens before, -1 for padding) and
+    TEXT/VISUAL tags.
 
     Padding is read from the attention mask as HF passes it: 2-D `[B, T]`, 4-D `[B, 1, T, T]` (a token is real
     iff it may attend to itself), a dict of those per layer type (transformers 5.x, for configs with
@@ -196,12 +197,10 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     batch, length = prompt.shape[:2]
     device = prompt.device
     valid = _token_validity(kwargs.get("attention_mask"), batch, length, device)
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.dim() != 2:
-        # a token's logical position counts the tokens before it; 3-D mRoPE positions (Qwen2-VL and kin) are the
-        # model's business, and it continues them at decode from the cache's length and its own rope delta
-        position_ids = valid.long().cumsum(-1) - 1
-    token_pos = torch.where(valid, position_ids.expand(batch, length).to(device), -1)
+    # A token's logical position counts the real tokens before it, whatever the model's own position ids say:
+    # PaliGemma's start at 1, Qwen2-VL's are 3-D mRoPE positions that the model continues at decode from the
+    # cache's length and its own rope delta. Sinks, windows and rings count tokens.
+    token_pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
 
     modality = torch.full((batch, length), TEXT, dtype=torch.int8, device=device)
     image_token_id = family.image_token_id(model)

@@ -114,6 +114,41 @@ def _gemma3_inputs(input_ids: torch.Tensor, generator: torch.Generator) -> dict[
             "token_type_ids": (input_ids == IMAGE).long()}
 
 
+def _paligemma() -> object:
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=4, projection_dim=64)
+    text = dict(_TEXT, model_type="gemma", head_dim=16, num_hidden_layers=3)
+    return AutoConfig.for_model("paligemma", vision_config=vision, text_config=text, image_token_index=IMAGE,
+                                projection_dim=64, hidden_size=64)
+
+
+def _llava_next() -> object:
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=8, patch_size=4, projection_dim=32)
+    return AutoConfig.for_model("llava_next", vision_config=vision, text_config=dict(_TEXT, model_type="llama"),
+                                image_token_index=IMAGE, vision_feature_layer=-1, image_grid_pinpoints=[[8, 8]])
+
+
+def _llava_next_pixels(input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    batch = input_ids.shape[0]  # an 8x8 image: the base view and one tile, 4 + 4 features and 2 row ends
+    return {"pixel_values": torch.randn(batch, 2, 3, 8, 8, generator=generator),
+            "image_sizes": torch.tensor([[8, 8]] * batch)}
+
+
+def _mistral3() -> object:
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=4, head_dim=16)
+    text = dict(_TEXT, model_type="mistral", sliding_window=None, head_dim=16)
+    return AutoConfig.for_model("mistral3", vision_config=vision, text_config=text, image_token_index=IMAGE,
+                                spatial_merge_size=2, vision_feature_layer=-1)
+
+
+def _mistral3_pixels(input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    batch = input_ids.shape[0]
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator),
+            "image_sizes": torch.tensor([[16, 16]] * batch)}
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("llama", _text("llama")),
     Family("mistral-window", _text("mistral", sliding_window=WINDOW), windowed=True),
@@ -145,6 +180,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2.5-vl", _qwen_vl("qwen2_5_vl"), image_tokens=4, extra_inputs=_qwen_vl_pixels),
     Family("qwen3-vl", _qwen_vl("qwen3_vl"), image_tokens=4, extra_inputs=_qwen_vl_pixels),
     Family("gemma3-vlm", _gemma3, image_tokens=4, extra_inputs=_gemma3_inputs, windowed=True),
+    Family("paligemma-prefix-lm", _paligemma, image_tokens=16, extra_inputs=_gemma3_inputs),
+    Family("llava-next", _llava_next, image_tokens=10, extra_inputs=_llava_next_pixels),
+    Family("mistral3-pixtral", _mistral3, image_tokens=4, extra_inputs=_mistral3_pixels),
 )
 
 BY_NAME = {family.name: family for family in FAMILIES}
