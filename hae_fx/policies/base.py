@@ -95,8 +95,9 @@ def prefill_protected(config: PolicyConfig, prompt: Prompt) -> torch.Tensor:
 
 
 def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
-    """`[B]` slot of the smallest `key` among `candidates` (`[B, C]` bool), ties broken by the lowest position, so
-    the choice never depends on where eviction happened to leave tokens. A row without candidates gets slot 0."""
+    """`[B]` slot of the smallest `key` (floating point) among `candidates` (`[B, C]` bool), ties broken by the
+    lowest position, so the choice never depends on where eviction happened to leave tokens. A row without
+    candidates gets slot 0."""
     smallest = torch.where(candidates, key, torch.inf).amin(dim=-1, keepdim=True)
     tied = candidates & (key == smallest)
     return torch.where(tied, slot_pos, torch.iinfo(slot_pos.dtype).max).argmin(dim=-1)

@@ -11,7 +11,7 @@ RNG differs from eager's), so every draw is an integer hash: token at position `
 step 0 and keeps the `capacity` highest; the decode step that places the token at position `seen` draws at step
 `seen + 1` over the cache's unprotected tokens and evicts the lowest, so each step's victim is uniform over the
 candidates, independently of earlier steps. Within a step the draws of distinct positions differ (each round is a
-bijection), and prefill ranks them in float64, which holds them exactly.
+bijection), and both prefill and decode rank them in float64, which holds them exactly.
 """
 
 from __future__ import annotations
@@ -65,5 +65,5 @@ class RandomPolicy(Policy):
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         slot_pos = state.slot_pos
         candidates = (slot_pos >= 0) & ~protected_slots(self.config, slot_pos, state.seen)
-        key = draw(slot_pos, (state.seen + 1).unsqueeze(-1), self.config.seed)
+        key = draw(slot_pos, (state.seen + 1).unsqueeze(-1), self.config.seed).to(torch.float64)  # exact
         return lowest(candidates, key, slot_pos)
