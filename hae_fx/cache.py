@@ -9,6 +9,11 @@ hae policies broadcast one index set to every layer:
 - `in_bin [B, C]` int8: 1 for tokens in the `hae` policy's recycle bin (evicted, still attended);
 - `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position).
 
+Sliding-window and chunked layers (`hae_fx.layer_kinds`) never need more than their span of keys: each holds a
+ring of `min(span, capacity)` slots instead, where the token at position `p` lives in slot `p % ring`, with its
+own `ring_pos [B, ring]` (the position held, -1 when empty or outside the query's chunk). Eviction policies act on
+the global layers; a ring only ever drops what its layer can no longer see.
+
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
 read them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use
 to recognise cache tensors among a graph's inputs.
@@ -28,11 +33,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import HAEConfig
-from hae_fx.errors import HAECapacityError
+from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
+from hae_fx.layer_kinds import FULL, LayerKind
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.ops.dap_plan import NO_VISUAL_CAP
 from hae_fx.policies import SlotState, get_policy
 from hae_fx.policies.base import fill_prefix
+from hae_fx.ring import ring_decode_slot, ring_prefill
 
 log = logging.getLogger("hae_fx")
 
@@ -41,9 +48,9 @@ __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positi
 
 @dataclass(frozen=True)
 class CacheRole:
-    """What a tensor is inside an `HAECache`: `kind` in `keys`, `values`, `slot_pos`, `score`, `modality`,
-    `in_bin`, `seen`, `step_slot`, `prefill_keep`; `layer` for keys and values; `config`, the cache's
-    `HAEConfig`, which the passes read (e.g. which layers feed the scores)."""
+    """What a tensor is inside an `HAECache`: `kind` in `keys`, `values`, `ring_pos`, `slot_pos`, `score`,
+    `modality`, `in_bin`, `seen`, `step_slot`, `prefill_keep`; `layer` for keys, values and ring_pos; `config`, the
+    cache's `HAEConfig`, which the passes read (e.g. which layers feed the scores)."""
 
     kind: str
     layer: int | None = None
@@ -62,25 +69,38 @@ def _static(tensor: torch.Tensor, kind: str, config: HAEConfig, layer: int | Non
 
 
 class HAELayer(CacheLayerMixin):
-    """One decoder layer's K/V slots; the slot metadata lives on the owning `HAECache`."""
+    """One decoder layer's K/V slots.
+
+    A global layer's slots follow the cache's shared slot metadata (`HAECache.slot_pos`, the policy's choice); a
+    windowed layer (sliding or chunked) is a ring of `min(span, capacity)` slots with its own `ring_pos`.
+    """
 
     is_compileable = True
-    is_sliding = False
 
-    def __init__(self, cache: HAECache, layer_idx: int) -> None:
+    def __init__(self, cache: HAECache, layer_idx: int, kind: LayerKind) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.kind = kind
+        self.slots = min(kind.span, cache.capacity) if kind.windowed else cache.capacity
+        self.ring_pos: torch.Tensor | None = None
+
+    @property
+    def is_sliding(self) -> bool:
+        """HF's mask builders pick their per-kind sizes from the first layer that says so."""
+        return self.kind.windowed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("HAECache allocates its buffers up front; call HAECache.allocate(...) before use")
 
     def allocate(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        capacity = self.cache.capacity
-        shape = (batch, kv_heads, capacity, head_dim)
+        shape = (batch, kv_heads, self.slots, head_dim)
         config = self.cache.config
         self.keys = _static(torch.zeros(shape, dtype=dtype, device=device), "keys", config, self.layer_idx)
         self.values = _static(torch.zeros(shape, dtype=dtype, device=device), "values", config, self.layer_idx)
+        if self.kind.windowed:
+            ring = torch.full((batch, self.slots), -1, dtype=torch.int64, device=device)
+            self.ring_pos = _static(ring, "ring_pos", config, self.layer_idx)
         self.dtype, self.device = dtype, device
         self.is_initialized = True
 
@@ -88,15 +108,15 @@ class HAELayer(CacheLayerMixin):
         return self.cache.write_layer(self.layer_idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Prefill attends over the fresh prompt keys; decode's mask is rebuilt by hae::slot_attention from
-        # slot_pos, so the size here only has to be well formed.
-        return (query_length, 0) if not self.cache.prefilled else (self.cache.capacity, 0)
+        # Prefill attends over the fresh prompt keys under HF's own mask; decode's mask is rebuilt by
+        # hae::slot_attention from slot_pos (or ring_pos), so there the size only has to match the slots.
+        return (query_length, 0) if not self.cache.prefilled else (self.slots, 0)
 
     def get_seq_length(self) -> torch.Tensor | int:
         return self.cache.seen.amax()
 
     def get_max_length(self) -> int:
-        return self.cache.capacity
+        return self.slots
 
     def reset(self) -> None:
         self.cache.reset()
@@ -111,15 +131,20 @@ class HAECache(Cache):
         batch: sequences per generate call; fixed for the life of the cache.
         kv_heads, head_dim: attention geometry of the decoder.
         dtype, device: of the K/V buffers (the metadata uses its own dtypes).
+        layer_kinds: each layer's attention span (`hae_fx.layer_kinds`); all global when None.
     """
 
     def __init__(self, config: HAEConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        layers = [HAELayer(self, i) for i in range(num_layers)]
-        super().__init__(layers=layers)
+                 dtype: torch.dtype, device: torch.device | str, layer_kinds: list[LayerKind] | None = None) -> None:
+        if layer_kinds is None:
+            layer_kinds = [LayerKind(FULL)] * num_layers
+        if len(layer_kinds) != num_layers:
+            raise ValueError(f"{len(layer_kinds)} layer kinds for {num_layers} layers")
         self.config = config
-        self.policy = get_policy(config.policy)
         self.capacity = config.capacity
+        layers = [HAELayer(self, i, kind) for i, kind in enumerate(layer_kinds)]
+        super().__init__(layers=layers)
+        self.policy = get_policy(config.policy)
         self.batch = batch
         device = torch.device(device)
         for layer in layers:
@@ -153,14 +178,15 @@ class HAECache(Cache):
         family = family_of(model)
         kv_heads, head_dim = family.kv_geometry(model)
         return cls(config, num_layers=family.num_layers(model), batch=batch, kv_heads=kv_heads,
-                   head_dim=head_dim, dtype=model.dtype, device=model.device)
+                   head_dim=head_dim, dtype=model.dtype, device=model.device, layer_kinds=family.layer_kinds(model))
 
     # -- memory ------------------------------------------------------------------------------------------------
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
         kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        rings = [layer.ring_pos for layer in self.layers if layer.ring_pos is not None]
         meta = [self.slot_pos, self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep]
-        return kv + meta
+        return kv + rings + meta
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +197,12 @@ class HAECache(Cache):
     def kv_nbytes(self) -> int:
         """Bytes of the K/V buffers alone."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K/V bytes one token takes across every layer: what a full cache pays per token of the sequence."""
+        return sum(t.numel() * t.element_size() // layer.slots for layer in self.layers
+                   for t in (layer.keys, layer.values))
 
     # -- lifecycle (called eagerly, outside compiled graphs) ---------------------------------------------------
     def begin_prefill(self, token_pos: torch.Tensor, modality: torch.Tensor | None = None) -> None:
@@ -227,6 +259,8 @@ class HAECache(Cache):
         for layer in self.layers:
             layer.keys.zero_()
             layer.values.zero_()
+            if layer.ring_pos is not None:
+                layer.ring_pos.fill_(-1)
         self.slot_pos.fill_(-1)
         for t in (self.score, self.modality, self.in_bin, self.seen, self.step_slot, self.prefill_keep):
             t.zero_()
@@ -237,6 +271,7 @@ class HAECache(Cache):
 
     # -- traced into the compiled graphs ----------------------------------------------------------------------
     def write_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        self._check_geometry(layer_idx, key_states)
         if not self.prefilled:
             return self._prefill_write(layer_idx, key_states, value_states)
         if key_states.shape[2] != 1:
@@ -251,6 +286,18 @@ class HAECache(Cache):
             )
         return self._decode_write(layer_idx, key_states, value_states)
 
+    def _check_geometry(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        allocated = self.layers[layer_idx].keys
+        if key_states.dim() != 4 or key_states.shape[1] != allocated.shape[1] or \
+                key_states.shape[3] != allocated.shape[3]:
+            raise HAEUnsupportedModelError(
+                f"decoder layer {layer_idx} caches keys of shape {tuple(key_states.shape)} ([batch, kv_heads, tokens, "
+                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]} "
+                "from the model's config; the config names its attention geometry in a way hae_fx does not read "
+                "(ModelFamily.kv_geometry): build the cache with HAECache(..., kv_heads=, head_dim=) or add a family "
+                "entry in hae_fx.models"
+            )
+
     def slot_state(self) -> SlotState:
         """The slot metadata, as the policies see it."""
         return SlotState(slot_pos=self.slot_pos, score=self.score, modality=self.modality, in_bin=self.in_bin,
@@ -262,23 +309,34 @@ class HAECache(Cache):
         kept = self.prefill_kept_len
         layer = self.layers[layer_idx]
         config = self.config
+        pruned = self.policy.reads_prefill_attention and config.prune_hidden and layer_idx > config.dap_layer
+        if self.policy.reads_prefill_attention and layer_idx == config.dap_layer:
+            self._emit_dap_plan(key_states)
+        elif not self.policy.reads_prefill_attention and layer_idx == 0:
+            self._plan_prefill(kept)
+        if layer.kind.windowed:
+            # hae_fx.pruning gathered a pruned layer's inputs to the kept tokens, whose positions the plan wrote
+            token_pos = self.slot_pos[:, :kept] if pruned else self.prompt_pos
+            self._check_prompt_tokens(layer_idx, key_states, token_pos.shape[1])
+            ring_keep = ring_prefill(layer.ring_pos, token_pos, self.prompt_pos)
+            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, ring_keep, layer.slots)
+            return key_states, value_states
         if self.policy.reads_prefill_attention:
-            if layer_idx == config.dap_layer:
-                self._emit_dap_plan(key_states)
-            if config.prune_hidden and layer_idx > config.dap_layer:
+            if pruned:
                 # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
-                if key_states.shape[2] != kept:
-                    raise RuntimeError(
-                        f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected the {kept} "
-                        "kept by DAP; prune_hidden needs the model transformed by hae_fx.transform"
-                    )
+                self._check_prompt_tokens(layer_idx, key_states, kept)
                 slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
                 torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
                 return key_states, value_states
-        elif layer_idx == 0:
-            self._plan_prefill(kept)
         torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep, kept)
         return key_states, value_states
+
+    def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:
+        if key_states.shape[2] != expected:
+            raise RuntimeError(
+                f"HAECache: layer {layer_idx} sees {key_states.shape[2]} prompt tokens, expected {expected}; "
+                "prune_hidden needs the model transformed by hae_fx.transform"
+            )
 
     def _emit_dap_plan(self, key_states: torch.Tensor) -> None:
         """Emit `hae::dap_plan_` without its query: the backend's DAP pass wires in layer `dap_layer`'s attention
@@ -309,7 +367,8 @@ class HAECache(Cache):
         if layer_idx == 0:
             self._plan_decode_step()
         layer = self.layers[layer_idx]
-        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, self.step_slot.view(-1, 1))
+        slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else self.step_slot
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1))
         return layer.keys, layer.values
 
     def _plan_decode_step(self) -> None:

@@ -6,7 +6,8 @@ DAP pass places after layer `dap_layer`'s attention, so before these layers run)
 
 - the residual stream (first pruned layer only; later ones receive it already gathered);
 - RoPE's `(cos, sin)` and `position_ids`, so kept tokens keep their logical positions;
-- the attention mask, rebuilt over the kept positions (causal by position; padding slots see only themselves).
+- the attention mask, rebuilt over the kept positions (causal by position, within the layer's window or chunk
+  for windowed layers; padding slots see only themselves).
 
 Because the gather is ordinary traced code, Dynamo derives every later shape at the kept length: the graph of
 each later layer really is smaller. Outside a prefill (decode, or a model called without an `HAECache`) the
@@ -22,16 +23,17 @@ from typing import Any
 import torch
 
 from hae_fx.cache import HAECache
+from hae_fx.layer_kinds import CHUNKED, SLIDING, LayerKind
 
 
 def install_hidden_pruning(layers: list[torch.nn.Module], dap_layer: int) -> None:
     """Wrap the forward of `layers[dap_layer + 1:]` (the decoder layers, in order) on their instances."""
     for index in range(dap_layer + 1, len(layers)):
         layer = layers[index]
-        layer.forward = _pruning_forward(layer.forward, first=index == dap_layer + 1)
+        layer.forward = _pruning_forward(layer.forward, index, first=index == dap_layer + 1)
 
 
-def _pruning_forward(forward: Callable[..., Any], *, first: bool) -> Callable[..., Any]:
+def _pruning_forward(forward: Callable[..., Any], layer_index: int, *, first: bool) -> Callable[..., Any]:
     @functools.wraps(forward)
     def pruned(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
@@ -43,7 +45,8 @@ def _pruning_forward(forward: Callable[..., Any], *, first: bool) -> Callable[..
         keep = cache.prefill_keep[:, : cache.prefill_kept_len]
         if first:
             hidden_states = gather_tokens(hidden_states, keep)
-        return forward(hidden_states, **gather_layer_inputs(kwargs, keep, cache.slot_pos[:, : keep.shape[1]]))
+        kept_pos = cache.slot_pos[:, : keep.shape[1]]
+        return forward(hidden_states, **gather_layer_inputs(kwargs, keep, kept_pos, cache.layers[layer_index].kind))
 
     return pruned
 
@@ -56,25 +59,32 @@ def gather_tokens(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index)
 
 
-def gather_layer_inputs(kwargs: dict[str, Any], keep: torch.Tensor, kept_pos: torch.Tensor) -> dict[str, Any]:
+def gather_layer_inputs(kwargs: dict[str, Any], keep: torch.Tensor, kept_pos: torch.Tensor,
+                        kind: LayerKind) -> dict[str, Any]:
     """The decoder-layer keyword arguments restricted to the kept tokens (`kept_pos`: their positions, -1 for
-    padding)."""
+    padding) of a layer of attention kind `kind`."""
     kwargs = dict(kwargs)
     embeddings = kwargs.get("position_embeddings")
     if embeddings is not None:
         kwargs["position_embeddings"] = tuple(gather_tokens(part, keep) for part in embeddings)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = gather_tokens(kwargs["position_ids"], keep)
-    kwargs["attention_mask"] = kept_token_mask(kept_pos, kwargs.get("attention_mask"))
+    kwargs["attention_mask"] = kept_token_mask(kept_pos, kwargs.get("attention_mask"), kind)
     return kwargs
 
 
-def kept_token_mask(kept_pos: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
-    """`[B, 1, K, K]` mask over the kept tokens: query `i` sees key `j` iff `j` is real and not after `i`, and a
-    padding query sees itself (so no softmax row is empty). Boolean like SDPA's masks, or additive (0 / dtype
-    min) when `like` is a floating-point mask, as HF's eager attention expects."""
+def kept_token_mask(kept_pos: torch.Tensor, like: torch.Tensor | None, kind: LayerKind) -> torch.Tensor:
+    """`[B, 1, K, K]` mask over the kept tokens: query `i` sees key `j` iff `j` is real, not after `i` and, for a
+    windowed layer, inside `i`'s window or chunk; a padding query sees itself (so no softmax row is empty).
+    Boolean like SDPA's masks, or additive (0 / dtype min) when `like` is a floating-point mask, as HF's eager
+    attention expects."""
     real = kept_pos >= 0
-    allowed = real.unsqueeze(1) & (kept_pos.unsqueeze(1) <= kept_pos.unsqueeze(2))
+    query_pos, key_pos = kept_pos.unsqueeze(2), kept_pos.unsqueeze(1)
+    allowed = real.unsqueeze(1) & (key_pos <= query_pos)
+    if kind.kind == SLIDING:
+        allowed = allowed & (key_pos > query_pos - kind.span)
+    elif kind.kind == CHUNKED:
+        allowed = allowed & (key_pos // kind.span == query_pos // kind.span)
     allowed = allowed | torch.eye(kept_pos.shape[1], dtype=torch.bool, device=kept_pos.device)
     allowed = allowed.unsqueeze(1)
     if like is None or like.dtype == torch.bool:

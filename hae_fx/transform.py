@@ -30,7 +30,7 @@ from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
-from hae_fx.models import ModelFamily, family_of
+from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.policies import get_policy
 from hae_fx.pruning import install_hidden_pruning
 
@@ -55,7 +55,7 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
 
     Args:
-        model: an HF model of a supported family (`hae_fx.models.FAMILIES`).
+        model: an HF generative model (`hae_fx.models.family_of` reads its decoder, geometry and layer kinds).
         config: the eviction configuration; `HAEConfig()` when None.
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
         options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
@@ -136,7 +136,7 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
         return eager_generate(*args, **kwargs)
 
     if get_policy(config.policy).reads_prefill_attention and config.prune_hidden:
-        install_hidden_pruning(list(language_model.layers), config.dap_layer)
+        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), config.dap_layer)
     language_model.forward = language_forward
     model.forward = forward
     model.generate = generate
@@ -172,7 +172,8 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     """`(token_pos, modality)` of a prompt forward: logical positions (-1 for padding) and TEXT/VISUAL tags.
 
     Padding is read from the attention mask as HF passes it: 2-D `[B, T]`, 4-D `[B, 1, T, T]` (a token is real
-    iff it may attend to itself), or None (no padding).
+    iff it may attend to itself), a dict of those per layer type (transformers 5.x, for configs with
+    `layer_types`), or None (no padding).
     """
     prompt = _prompt_tensor(args, kwargs)
     batch, length = prompt.shape[:2]
@@ -191,8 +192,11 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     return token_pos, modality
 
 
-def _token_validity(attention_mask: torch.Tensor | None, batch: int, length: int,
+def _token_validity(attention_mask: torch.Tensor | dict[str, torch.Tensor] | None, batch: int, length: int,
                     device: torch.device) -> torch.Tensor:
+    if isinstance(attention_mask, dict):
+        # every layer type's mask lets a real token attend to itself, so any of them tells padding apart
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if attention_mask.dim() == 2:

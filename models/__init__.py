@@ -1,7 +1,9 @@
-"""What the passes need to know about each supported model family, and tiny test configs built in code.
+"""What hae_fx reads off each HF model before compiling it, and small models built in code for tests.
 
-A family answers three questions the graph cannot: which submodule is the text decoder (the part hae_fx
-compiles), which token id marks image patches (to tag visual tokens), and the decoder's attention geometry.
+`family_of(model)` returns the `ModelFamily` that reads `model`: the entry in `FAMILIES` claiming its
+`model_type`, or the generic reading, which covers HF's mainstream decoders and VLMs (their configs say where
+the text decoder is, its attention geometry, each layer's attention kind and the image token). An entry is
+needed only for facts a model keeps somewhere unusual.
 """
 
 from __future__ import annotations
@@ -9,24 +11,34 @@ from __future__ import annotations
 import torch
 
 from hae_fx.errors import HAEUnsupportedModelError
-from hae_fx.models.family import ModelFamily
-from hae_fx.models.llama import TEXT_DECODER
-from hae_fx.models.llava import LLAVA
+from hae_fx.models.family import GENERIC, ModelFamily, decoder_layers
 
-FAMILIES: tuple[ModelFamily, ...] = (LLAVA, TEXT_DECODER)
+#: family entries for models the generic reading gets wrong (none of the tested families needs one today)
+FAMILIES: tuple[ModelFamily, ...] = ()
 
 
 def family_of(model: torch.nn.Module) -> ModelFamily:
-    """The family `model` belongs to; raises `HAEUnsupportedModelError` naming the supported ones."""
+    """The family that reads `model`.
+
+    Raises:
+        HAEUnsupportedModelError: `model` is not an HF generative model with a text decoder config.
+    """
     for family in FAMILIES:
         if family.matches(model):
             return family
-    supported = "; ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    raise HAEUnsupportedModelError(
-        f"hae_fx does not support {type(model).__name__} (model_type={model_type!r}). Supported families: "
-        f"{supported}. A new family needs a ModelFamily entry in hae_fx.models."
-    )
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate") or not hasattr(config, "get_text_config"):
+        raise HAEUnsupportedModelError(
+            f"hae_fx transforms HF generative models (a PreTrainedModel with a config and generate()); "
+            f"{type(model).__name__} is not one"
+        )
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "num_hidden_layers", None) is None or getattr(text, "num_attention_heads", None) is None:
+        raise HAEUnsupportedModelError(
+            f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r}) has no text decoder "
+            "config with num_hidden_layers and num_attention_heads; hae_fx needs a decoder-only language model"
+        )
+    return GENERIC
 
 
-__all__ = ["FAMILIES", "ModelFamily", "family_of"]
+__all__ = ["FAMILIES", "GENERIC", "ModelFamily", "decoder_layers", "family_of"]

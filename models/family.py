@@ -1,4 +1,10 @@
-"""`ModelFamily`: the per-family facts hae_fx cannot read off a graph."""
+"""`ModelFamily`: the facts hae_fx reads off an HF model's config and modules before compiling it.
+
+Every fact has a generic reading that covers HF's mainstream decoders (Llama, Mistral, Qwen, Gemma, Phi, OLMo,
+GPT-NeoX, GPT-2, Falcon and the VLMs built on them); a family entry overrides only what a model stores
+somewhere unusual. What the graph itself shows (where attention is, its form) is found by the passes, and a
+layout they cannot handle is refused there, by what was found.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,49 @@ from dataclasses import dataclass
 
 import torch
 
+from hae_fx.errors import HAEUnsupportedModelError
+from hae_fx.layer_kinds import LayerKind, layer_kinds
+
+#: config attributes that hold the image placeholder token id, in the order HF models use them
+IMAGE_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index")
+
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Facts about one family of HF models.
+    """How to read one family of HF models.
 
     Attributes:
         name: short name used in messages.
-        model_types: `config.model_type` values of the top-level models this family accepts.
-        language_model: returns the text decoder (a module with `.layers`) inside a top-level model.
-        image_token_id: returns the id of the image placeholder token, or None for text-only models.
+        model_types: `config.model_type` values this entry claims; the generic reading has none.
+        find_language_model: overrides how the text decoder (the module hae_fx compiles) is found.
+        find_image_token_id: overrides how the image placeholder token id is found (None: text only).
     """
 
     name: str
-    model_types: tuple[str, ...]
-    language_model: Callable[[torch.nn.Module], torch.nn.Module]
-    image_token_id: Callable[[torch.nn.Module], int | None]
+    model_types: tuple[str, ...] = ()
+    find_language_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    find_image_token_id: Callable[[torch.nn.Module], int | None] | None = None
 
     def matches(self, model: torch.nn.Module) -> bool:
         config = getattr(model, "config", None)
-        return getattr(config, "model_type", None) in self.model_types and hasattr(model, "generate")
+        return getattr(config, "model_type", None) in self.model_types
+
+    def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The text decoder: the module whose layers read the KV cache."""
+        if self.find_language_model is not None:
+            return self.find_language_model(model)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        decoder_layers(decoder, self.num_layers(model))  # raises when it has no layer list
+        return decoder
+
+    def image_token_id(self, model: torch.nn.Module) -> int | None:
+        if self.find_image_token_id is not None:
+            return self.find_image_token_id(model)
+        for name in IMAGE_TOKEN_ATTRIBUTES:
+            value = getattr(model.config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
 
     def text_config(self, model: torch.nn.Module):
         return model.config.get_text_config(decoder=True)
@@ -35,9 +64,42 @@ class ModelFamily:
         return self.text_config(model).num_hidden_layers
 
     def kv_geometry(self, model: torch.nn.Module) -> tuple[int, int]:
-        """`(kv_heads, head_dim)` of the text decoder's attention."""
+        """`(kv_heads, head_dim)` of the text decoder's attention.
+
+        KV heads go by several names: `num_key_value_heads` (Llama and most), `num_kv_heads` (Falcon's new
+        layout), `multi_query` (Falcon's and GPT-BigCode's single shared head). The cache checks the first
+        keys it is given against this, so a name missing here fails loudly rather than attending over
+        zero heads.
+        """
         text = self.text_config(model)
         heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+            kv_heads = 1
+        else:
+            kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return kv_heads, head_dim
+
+    def layer_kinds(self, model: torch.nn.Module) -> list[LayerKind]:
+        """Each decoder layer's attention kind (global, sliding window, chunked)."""
+        return layer_kinds(self.text_config(model))
+
+
+GENERIC = ModelFamily(name="generic")
+
+
+def decoder_layers(decoder: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
+    """The decoder's list of layers: `decoder.layers`, or its one `ModuleList` of `num_layers` modules (GPT-2's
+    `h`). Raises `HAEUnsupportedModelError` when there is none."""
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        return layers
+    candidates = [child for child in decoder.children()
+                  if isinstance(child, torch.nn.ModuleList) and len(child) == num_layers]
+    if len(candidates) != 1:
+        raise HAEUnsupportedModelError(
+            f"hae_fx could not find the decoder layers of {type(decoder).__name__}: it has no `layers` and "
+            f"{len(candidates)} ModuleList(s) of {num_layers} modules; add a ModelFamily entry in hae_fx.models "
+            "whose find_language_model returns the module holding them"
+        )
+    return candidates[0]

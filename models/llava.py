@@ -1,4 +1,4 @@
-"""LLaVA (`LlavaForConditionalGeneration`): CLIP vision tower, projector, Llama-family decoder.
+"""Tiny LLaVA (`LlavaForConditionalGeneration`) models built in code: CLIP vision tower, projector, Llama decoder.
 
 Image patches enter the decoder as `image_token_id` placeholders replaced by projected features, so the
 visual tokens of a prompt are exactly `input_ids == image_token_id`. hae_fx compiles only the language model
@@ -8,15 +8,6 @@ visual tokens of a prompt are exactly `input_ids == image_token_id`. hae_fx comp
 from __future__ import annotations
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-from hae_fx.models.family import ModelFamily
-
-LLAVA = ModelFamily(
-    name="llava",
-    model_types=("llava",),
-    language_model=lambda model: model.model.language_model,
-    image_token_id=lambda model: model.config.image_token_id,
-)
 
 
 def tiny_llava_config(*, text_layers: int = 2, image_size: int = 32, patch_size: int = 8, vocab_size: int = 256,

@@ -43,9 +43,13 @@ class RewriteReport:
 def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> RewriteReport:
     """Replace every attention over cache slots in `gm` with `hae::slot_attention` (in place).
 
-    Scores: with `score_source="layers_mean"` (the default) each site adds its per-slot attention, divided by
-    the number of sites, to the cache's `score` buffer, so `score` accumulates attention averaged over layers
-    and heads, summed over steps; with `"dap_layer"` only layer `dap_layer`'s site adds, in full.
+    Each site is masked by its layer's slot positions: the shared `slot_pos` for global layers, the layer's own
+    `ring_pos` for sliding-window and chunked layers (`hae_fx.ring`).
+
+    Scores: with `score_source="layers_mean"` (the default) each global layer's site adds its per-slot attention,
+    divided by the number of such sites, to the cache's `score` buffer, so `score` accumulates attention averaged
+    over global layers and heads, summed over steps; with `"dap_layer"` only layer `dap_layer`'s site adds, in
+    full. Windowed layers add nothing: their rings are not the slots the policy evicts from.
 
     Raises:
         HAESiteError: a cache K/V buffer is read by something that is neither a hae op nor a recognised
@@ -56,9 +60,11 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
     if sites:
         slot_pos = _placeholder(roles, "slot_pos")
         score = _placeholder(roles, "score")
-        weights = _score_weights(sites, roles[score].config)
+        rings = {role.layer: node for node, role in roles.items() if role.kind == "ring_pos"}
+        global_sites = [site for site in sites if site.layer not in rings]
+        weights = _score_weights(global_sites, roles[score].config)
         for site in sites:
-            _rewrite_site(graph, site, slot_pos, score, weights.get(site.layer))
+            _rewrite_site(graph, site, rings.get(site.layer, slot_pos), score, weights.get(site.layer))
     _check_only_hae_ops_read_slots(graph, roles)
     graph.lint()
     gm.recompile()
@@ -81,18 +87,19 @@ def _score_weights(sites: list[AttentionSite], config: HAEConfig | None) -> dict
         if not any(site.layer == config.dap_layer for site in sites):
             raise HAESiteError(
                 f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
-                f"over cache slots is in layers {sorted({site.layer for site in sites})}"
+                f"over the evicting (global) cache slots is in layers {sorted({site.layer for site in sites})}; "
+                "choose a global layer as dap_layer or score_source='layers_mean'"
             )
         return {config.dap_layer: 1.0}
     return {site.layer: 1.0 / len(sites) for site in sites}
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, slot_pos: fx.Node, score: fx.Node,
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, score: fx.Node,
                   score_weight: float | None) -> None:
     with graph.inserting_before(site.output):
         attention = graph.call_function(
             torch.ops.hae.slot_attention.default,
-            (site.query, site.keys, site.values, slot_pos, scale_of(site)),
+            (site.query, site.keys, site.values, valid_pos, scale_of(site)),
         )
         out = graph.call_function(operator.getitem, (attention, 0))
         slot_weight = graph.call_function(operator.getitem, (attention, 1))

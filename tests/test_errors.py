@@ -27,12 +27,14 @@ def test_cache_of_another_batch_size_is_refused():
         model.generate(**llava_inputs(model, 2), past_key_values=cache, max_new_tokens=3)
 
 
-def test_unsupported_family_names_the_supported_ones():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_model_that_is_not_an_hf_generative_model_is_refused():
+    from transformers import BertConfig, BertModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(HAEUnsupportedModelError, match=r"does not support GPT2LMHeadModel .*'gpt2'.*llava"):
-        hae_fx.transform(model, HAEConfig())
+    with pytest.raises(HAEUnsupportedModelError, match=r"HF generative models .*Linear is not one"):
+        hae_fx.transform(torch.nn.Linear(2, 2), HAEConfig())
+    encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(HAEUnsupportedModelError, match="BertModel is not one"):
+        hae_fx.transform(encoder, HAEConfig())
 
 
 def _einsum_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
