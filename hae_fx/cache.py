@@ -244,6 +244,15 @@ class HAECache(Cache):
         self.tokens_seen = int(self.seen.amax())
         self.prefill_kept = kept_positions(self)
 
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """0, for HF's mask builders only.
+
+        They index position-keyed mask functions (Gemma 3's bidirectional image blocks, PaliGemma's prefix) by
+        `query offset + i` over keys `0..kv_length-1`. Prefill starts at offset 0 anyway; at decode the masks over
+        the slots are dropped by the rewrite (`hae::slot_attention` masks by slot position), and an offset of the
+        true position would index past the slot range."""
+        return 0
+
     def begin_decode_step(self) -> None:
         """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
         if not self.prefilled:

@@ -6,8 +6,8 @@ DAP pass places after layer `dap_layer`'s attention, so before these layers run)
 
 - the residual stream (first pruned layer only; later ones receive it already gathered);
 - RoPE's `(cos, sin)` and `position_ids`, so kept tokens keep their logical positions;
-- the attention mask, rebuilt over the kept positions (causal by position, within the layer's window or chunk
-  for windowed layers; padding slots see only themselves).
+- the attention mask, restricted to the kept tokens (rows and columns of the model's own mask, so windows and
+  bidirectional image blocks survive; causal by position when the model passes none).
 
 Because the gather is ordinary traced code, Dynamo derives every later shape at the kept length: the graph of
 each later layer really is smaller. Outside a prefill (decode, or a model called without an `HAECache`) the
@@ -69,15 +69,30 @@ def gather_layer_inputs(kwargs: dict[str, Any], keep: torch.Tensor, kept_pos: to
         kwargs["position_embeddings"] = tuple(gather_tokens(part, keep) for part in embeddings)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = gather_tokens(kwargs["position_ids"], keep)
-    kwargs["attention_mask"] = kept_token_mask(kept_pos, kwargs.get("attention_mask"), kind)
+    kwargs["attention_mask"] = kept_token_mask(keep, kept_pos, kwargs.get("attention_mask"), kind)
     return kwargs
 
 
-def kept_token_mask(kept_pos: torch.Tensor, like: torch.Tensor | None, kind: LayerKind) -> torch.Tensor:
-    """`[B, 1, K, K]` mask over the kept tokens: query `i` sees key `j` iff `j` is real, not after `i` and, for a
-    windowed layer, inside `i`'s window or chunk; a padding query sees itself (so no softmax row is empty).
-    Boolean like SDPA's masks, or additive (0 / dtype min) when `like` is a floating-point mask, as HF's eager
-    attention expects."""
+def kept_token_mask(keep: torch.Tensor, kept_pos: torch.Tensor, like: torch.Tensor | None,
+                    kind: LayerKind) -> torch.Tensor:
+    """`[B, 1, K, K]` mask over the kept tokens (`keep`: their prompt indices; `kept_pos`: their positions, -1 for
+    padding).
+
+    With the model's own prompt mask `like` (`[B or 1, 1, T, T]`), its rows and columns at the kept tokens: every
+    pattern in it survives (padding, the layer's window or chunk, Gemma 3's bidirectional image blocks). Without
+    one (SDPA's causal fast path), query `i` sees key `j` iff `j` is real, not after `i` and, for a windowed layer,
+    inside `i`'s window or chunk. Either way a padding query sees itself, so no softmax row is empty.
+    """
+    batch, kept = keep.shape
+    padding_self = (kept_pos < 0).view(batch, 1, kept, 1) & torch.eye(kept, dtype=torch.bool, device=keep.device)
+    if like is not None:
+        rows = like.expand(batch, like.shape[1], *like.shape[2:])
+        heads, keys = rows.shape[1], rows.shape[3]
+        rows = rows.gather(2, keep.view(batch, 1, kept, 1).expand(batch, heads, kept, keys))
+        mask = rows.gather(3, keep.view(batch, 1, 1, kept).expand(batch, heads, kept, kept))
+        if mask.dtype == torch.bool:
+            return mask | padding_self
+        return mask.masked_fill(padding_self, 0)
     real = kept_pos >= 0
     query_pos, key_pos = kept_pos.unsqueeze(2), kept_pos.unsqueeze(1)
     allowed = real.unsqueeze(1) & (key_pos <= query_pos)
@@ -85,8 +100,4 @@ def kept_token_mask(kept_pos: torch.Tensor, like: torch.Tensor | None, kind: Lay
         allowed = allowed & (key_pos > query_pos - kind.span)
     elif kind.kind == CHUNKED:
         allowed = allowed & (key_pos // kind.span == query_pos // kind.span)
-    allowed = allowed | torch.eye(kept_pos.shape[1], dtype=torch.bool, device=kept_pos.device)
-    allowed = allowed.unsqueeze(1)
-    if like is None or like.dtype == torch.bool:
-        return allowed
-    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+    return allowed.unsqueeze(1) | padding_self

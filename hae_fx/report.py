@@ -81,4 +81,4 @@ def report(cache: HAECache) -> CacheReport:
     longest = max(seq.tokens_seen for seq in sequences)
     return CacheReport(policy=cache.config.policy, capacity=cache.capacity, bin_size=cache.config.bin_size,
                        sequences=sequences, kv_bytes=cache.kv_nbytes,
-                       full_kv_bytes=cache.kv_nbytes * longest // cache.capacity)
+                       full_kv_bytes=cache.kv_bytes_per_token * longest)

@@ -180,7 +180,9 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     device = prompt.device
     valid = _token_validity(kwargs.get("attention_mask"), batch, length, device)
     position_ids = kwargs.get("position_ids")
-    if position_ids is None:
+    if position_ids is None or position_ids.dim() != 2:
+        # a token's logical position counts the tokens before it; 3-D mRoPE positions (Qwen2-VL and kin) are the
+        # model's business, and it continues them at decode from the cache's length and its own rope delta
         position_ids = valid.long().cumsum(-1) - 1
     token_pos = torch.where(valid, position_ids.expand(batch, length).to(device), -1)
 

@@ -1,4 +1,6 @@
-"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention` and `dap_plan_`.
+"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention`,
+`slot_attention_no_weight` and `dap_plan_`, plus `slot_attention_fused`, the Triton kernel the two attention
+ops run on CUDA (registered only where the `triton` package is installed; without it they keep the reference).
 
 Each op has a reference implementation (what runs eagerly and in the eager-reference path), a fake
 implementation whose strides match the reference (so Inductor's generated code asserts the right layout), and
@@ -9,11 +11,16 @@ Importing this package registers everything; it must happen before the first com
 Inductor caches its decomposition table (`hae_fx` imports it at import time).
 """
 
+from torch.utils._triton import has_triton_package
+
 from hae_fx.ops.dap_plan import dap_plan_
 from hae_fx.ops.decompositions import register_inductor_decompositions
-from hae_fx.ops.slot_attention import slot_attention
+from hae_fx.ops.slot_attention import slot_attention, slot_attention_no_weight
 from hae_fx.ops.slot_write import prefill_write_, slot_write_
+
+if has_triton_package():
+    from hae_fx.ops import slot_attention_kernel  # noqa: F401  (registers hae::slot_attention_fused)
 
 register_inductor_decompositions()
 
-__all__ = ["dap_plan_", "prefill_write_", "slot_attention", "slot_write_"]
+__all__ = ["dap_plan_", "prefill_write_", "slot_attention", "slot_attention_no_weight", "slot_write_"]

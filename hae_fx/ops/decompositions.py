@@ -6,7 +6,7 @@ import torch
 from torch._inductor import decomposition as inductor_decomposition
 
 from hae_fx.ops.dap_plan import run_dap_plan
-from hae_fx.ops.slot_attention import attend_slots
+from hae_fx.ops.slot_attention import run_slot_attention
 from hae_fx.ops.slot_write import write_prefix, write_slots
 
 _registered = False
@@ -34,10 +34,14 @@ def register_inductor_decompositions() -> None:
     def _dap_plan(*args):
         run_dap_plan(*args)
 
+    # On CUDA these become the Triton op, which Inductor in turn traces into its kernels (no opaque call)
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention.default)
     def _slot_attention(q, k_cache, v_cache, slot_pos, scale):
-        out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale)
-        return out.contiguous(), slot_weight
+        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True)
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention_no_weight.default)
+    def _slot_attention_no_weight(q, k_cache, v_cache, slot_pos, scale):
+        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False)[0]
 
     inductor_decomposition.fast_random_decomps.cache_clear()
     _registered = True

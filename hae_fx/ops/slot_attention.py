@@ -2,12 +2,22 @@
 
 Slots hold tokens in whatever order eviction left them, so validity comes from the slot metadata (`slot_pos`,
 -1 = free), not from a causal mask over indices. The op also returns how much attention each slot received
-(mean over query heads, summed over queries): the score that H2O-style and HAE policies accumulate.
+(mean over query heads, summed over queries): the score that H2O-style and HAE policies accumulate;
+`hae::slot_attention_no_weight` is the same attention without that output, for policies that read no scores.
+
+On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`), eagerly and through
+their Inductor decompositions; elsewhere, and for shapes the kernel does not take, they run `attend_slots`.
 """
 
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+#: what the fused kernel takes: these dtypes, head dims up to this
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_MAX_HEAD_DIM = 256
 
 
 def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
@@ -27,6 +37,26 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out, slot_weight
 
 
+def uses_fused_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether `run_slot_attention` takes the Triton kernel: CUDA tensors, static shapes (a symbolic size would
+    specialise the launch grid; such graphs keep the reference math), supported dtype and head dim."""
+    return (q.device.type == "cuda" and hasattr(torch.ops.hae, "slot_attention_fused")
+            and all(isinstance(n, int) for n in (*q.shape, *k_cache.shape))
+            and q.dtype in FUSED_DTYPES and k_cache.dtype in FUSED_DTYPES and v_cache.dtype in FUSED_DTYPES
+            and q.shape[-1] <= FUSED_MAX_HEAD_DIM)
+
+
+def run_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
+                       scale: float, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both ops' implementation and decomposition: the fused kernel where it applies, else the reference.
+    Returns `(out contiguous, slot_weight or None)`."""
+    if uses_fused_kernel(q, k_cache, v_cache):
+        out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale, need_weight)
+        return out, slot_weight if need_weight else None
+    out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale)
+    return out.contiguous(), slot_weight if need_weight else None
+
+
 @torch.library.custom_op("hae::slot_attention", mutates_args=())
 def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +65,7 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     Grouped-query attention is handled here (`Hq` a multiple of `Hkv`), so callers pass the cache itself, not a
     head-repeated copy. Returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] float32)`.
     """
-    out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale)
-    return out.contiguous(), slot_weight
+    return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True)
 
 
 @slot_attention.register_fake
@@ -45,3 +74,44 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: t
     out = q.new_empty(q.shape)  # contiguous, like the reference
     slot_weight = q.new_empty((q.shape[0], k_cache.shape[2]), dtype=torch.float32)
     return out, slot_weight
+
+
+@torch.library.custom_op("hae::slot_attention_no_weight", mutates_args=())
+def slot_attention_no_weight(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """`hae::slot_attention`'s first output alone. Its own op because a fused kernel cannot drop an unused
+    output the way Inductor drops unused reference math: the kernel then skips the logits and weight pass."""
+    out, _ = run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False)
+    return out
+
+
+@slot_attention_no_weight.register_fake
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
+      scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+def _trace_into_fused_kernel(need_weight: bool):
+    """A FunctionalTensorMode rule for an attention op: on CUDA, trace into `hae::slot_attention_fused`.
+
+    Why: Inductor applies its decomposition table below functionalization, where a Triton op stays an opaque
+    call (an extern kernel launched from Python, and a Python op an AOTInductor package would need at load
+    time). Under functionalization the Triton op instead decomposes into its kernels, which Inductor compiles
+    into its own code. `torch.export` (`mode.export`) keeps the hae op as one node, as Triton ops do there.
+    """
+    def rule(mode, op, types, args, kwargs):
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+            return NotImplemented
+        bound = dict(zip((a.name for a in op._schema.arguments), args, strict=False), **kwargs)
+        q, k_cache, v_cache, slot_pos, scale = (bound[n] for n in ("q", "k_cache", "v_cache", "slot_pos", "scale"))
+        if mode.export or not uses_fused_kernel(q, k_cache, v_cache):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale,
+                                                                  need_weight)
+        return (out, slot_weight) if need_weight else out
+    return rule
+
+
+slot_attention.register_torch_dispatch(FunctionalTensorMode, _trace_into_fused_kernel(need_weight=True))
+slot_attention_no_weight.register_torch_dispatch(FunctionalTensorMode, _trace_into_fused_kernel(need_weight=False))
