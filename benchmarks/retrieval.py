@@ -1,6 +1,6 @@
 """Long-context retrieval and streaming perplexity on real text, with the real Gemma 3 270M, for every policy.
 
-    python benchmarks/retrieval.py            # passkey and multi-key at 1k and 2k tokens, perplexity over 512
+    python benchmarks/retrieval.py            # passkey and multi-key at 1k and 2k tokens, perplexity over 256
     python benchmarks/retrieval.py --quick    # CI-sized: one 256-token passkey prompt, evicting policies at 50%
 
 RULER-style tasks, each sample generated deterministically from `--seed` over the King James Bible
@@ -331,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated from passkey,multikey,perplexity (default: all; quick: passkey)")
     parser.add_argument("--lengths", type=_ints, default=None, help="retrieval prompt tokens (default 1024,2048)")
     parser.add_argument("--samples", type=int, default=None, help="samples per retrieval task and length (8)")
-    parser.add_argument("--ppl-length", type=int, default=512, help="perplexity text tokens, prefix included")
+    parser.add_argument("--ppl-length", type=int, default=256, help="perplexity text tokens, prefix included")
     parser.add_argument("--ppl-samples", type=int, default=2, help="perplexity texts")
     parser.add_argument("--budgets", type=lambda s: tuple(float(b) for b in s.split(",")), default=None,
                         help="comma-separated fractions of the sequence, for the evicting policies")

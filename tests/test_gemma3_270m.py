@@ -68,7 +68,7 @@ def test_checkpoint_is_gemma3_270m(gemma) -> None:
     assert gemma3_270m.is_converted()
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert tokenizer.decode(out[0, prompt.input_ids.shape[1]:]) == " the capital of the country of France"
+    assert tokenizer.decode(out[0, prompt.input_ids.shape[1]:]) == " the capital of the country of France."
 
 
 @needs_checkpoint
