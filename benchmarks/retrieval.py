@@ -27,6 +27,7 @@ import math
 import platform
 import random
 import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -394,9 +395,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     progress.close()
     table = markdown_table(rows, dropped)
     print(table)
-    command = "python benchmarks/retrieval.py" + (" --quick" if args.quick else "")
+    command = " ".join(["python benchmarks/retrieval.py", *(sys.argv[1:] if argv is None else argv)])
     (args.out / "retrieval.md").write_text(
-        f"`{command}` (samples {args.samples}, lengths {args.lengths}, seed {args.seed}, compiler {args.compiler}, "
+        f"`{command}` (tasks {', '.join(t.name for t in tasks)}, seed {args.seed}, compiler {args.compiler}, "
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
         f"{time.perf_counter() - start:.0f} s)\n\nRetrieval: % correct; perplexity: exp(mean NLL).\n\n{table}\n")
     with (args.out / "retrieval.csv").open("w", newline="") as f:
