@@ -11,6 +11,7 @@ from hae_fx import ops  # noqa: F401  (registers torch.ops.hae.* and their Induc
 from hae_fx.cache import HAECache
 from hae_fx.config import HAEConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.inspect import ModelInspection, inspect
 from hae_fx.report import CacheReport, report
 from hae_fx.transform import transform
 
@@ -23,6 +24,8 @@ __all__ = [
     "HAEError",
     "HAESiteError",
     "HAEUnsupportedModelError",
+    "ModelInspection",
+    "inspect",
     "report",
     "transform",
 ]

@@ -82,7 +82,7 @@ class HAELayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.kind = kind
-        self.slots = min(kind.span, cache.capacity) if kind.windowed else cache.capacity
+        self.slots = kind.cache_slots(cache.capacity)
         self.ring_pos: torch.Tensor | None = None
 
     @property

@@ -37,6 +37,11 @@ class LayerKind:
     def windowed(self) -> bool:
         return self.kind != FULL
 
+    def cache_slots(self, capacity: int) -> int:
+        """KV slots an `HAECache` of `capacity` gives a layer of this kind: a windowed layer never needs more than
+        its span."""
+        return min(self.span, capacity) if self.windowed else capacity
+
     def __str__(self) -> str:
         return self.kind if self.span is None else f"{self.kind} {self.span}"
 

@@ -18,8 +18,10 @@ code); decode never runs it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import re
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,6 +72,8 @@ def transform(model: torch.nn.Module, config: HAEConfig | None = None, *, mode: 
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
     family = family_of(model)
+    family.check_supported(model)
+    family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     _check_policy_fits_model(config, family, model)
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
@@ -158,18 +162,42 @@ def _check_policy_fits_model(config: HAEConfig, family: ModelFamily, model: torc
 
 @contextlib.contextmanager
 def _hae_errors_unwrapped() -> Iterator[None]:
-    """Re-raise an `HAEError` from the hae backend as itself, not wrapped in Dynamo's BackendCompilerFailed."""
+    """Re-raise an `HAEError` as itself, not wrapped by Dynamo: raised by the hae backend (BackendCompilerFailed) or
+    by hae_fx code Dynamo was tracing (Unsupported, caused by an `Observed<Name>Error`)."""
     try:
         yield
     except torch._dynamo.exc.BackendCompilerFailed as error:
         if isinstance(error.inner_exception, HAEError):
             raise error.inner_exception from None
         raise
+    except torch._dynamo.exc.Unsupported as error:
+        traced = _traced_hae_error(error)
+        if traced is not None:
+            raise traced from None
+        raise
+
+
+def _traced_hae_error(error: BaseException) -> HAEError | None:
+    """The `HAEError` that hae_fx code raised while Dynamo traced it, rebuilt from Dynamo's record of it."""
+    observed_types = {observed: raised for raised, observed in torch._dynamo.exc.observed_exception_map.items()}
+    cause: BaseException | None = error
+    while cause is not None:
+        raised = observed_types.get(type(cause))
+        if raised is not None and issubclass(raised, HAEError) and cause.args:
+            text = str(cause.args[0])
+            match = re.fullmatch(rf"raised exception {raised.__name__}\((.*)\)", text, flags=re.DOTALL)
+            if match:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    text = str(ast.literal_eval(match.group(1)))
+            return raised(text)
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(token_pos, modality)` of a prompt forward: logical positions (-1 for padding) and TEXT/VISUAL tags.
+    """`(token_pos, modality)` of a prompt forward: logical positions (tokens before, -1 for padding) and
+    TEXT/VISUAL tags.
 
     Padding is read from the attention mask as HF passes it: 2-D `[B, T]`, 4-D `[B, 1, T, T]` (a token is real
     iff it may attend to itself), a dict of those per layer type (transformers 5.x, for configs with
@@ -179,12 +207,10 @@ def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kw
     batch, length = prompt.shape[:2]
     device = prompt.device
     valid = _token_validity(kwargs.get("attention_mask"), batch, length, device)
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.dim() != 2:
-        # a token's logical position counts the tokens before it; 3-D mRoPE positions (Qwen2-VL and kin) are the
-        # model's business, and it continues them at decode from the cache's length and its own rope delta
-        position_ids = valid.long().cumsum(-1) - 1
-    token_pos = torch.where(valid, position_ids.expand(batch, length).to(device), -1)
+    # A token's logical position counts the real tokens before it, whatever the model's own position ids say:
+    # PaliGemma's start at 1, Qwen2-VL's are 3-D mRoPE positions that the model continues at decode from the
+    # cache's length and its own rope delta. Sinks, windows and rings count tokens.
+    token_pos = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
 
     modality = torch.full((batch, length), TEXT, dtype=torch.int8, device=device)
     image_token_id = family.image_token_id(model)

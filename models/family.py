@@ -44,8 +44,16 @@ class ModelFamily:
         """The text decoder: the module whose layers read the KV cache."""
         if self.find_language_model is not None:
             return self.find_language_model(model)
+        layers = self.num_layers(model)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        decoder_layers(decoder, self.num_layers(model))  # raises when it has no layer list
+        if _layer_list(decoder, layers) is not None:
+            return decoder
+        # HF's get_decoder misses some wrappers (Llama 4's text model): the shallowest non-vision module that
+        # holds the decoder's layer list
+        for name, module in model.named_modules():
+            if "vision" not in name and "visual" not in name and _layer_list(module, layers) is not None:
+                return module
+        decoder_layers(decoder, layers)  # raises, naming what was looked for
         return decoder
 
     def image_token_id(self, model: torch.nn.Module) -> int | None:
@@ -80,6 +88,21 @@ class ModelFamily:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         return kv_heads, head_dim
 
+    def check_supported(self, model: torch.nn.Module) -> None:
+        """Refuse layouts the config announces and hae_fx cannot compute exactly.
+
+        ALiBi (`alibi=True`, Falcon; MPT's `attn_config.alibi`) adds a per-key position bias to the attention
+        logits, sized by the sequence rather than the slots; the rewritten attention would drop it.
+        """
+        text = self.text_config(model)
+        attn_config = getattr(text, "attn_config", None)
+        if getattr(text, "alibi", False) or getattr(attn_config, "alibi", False):
+            raise HAEUnsupportedModelError(
+                f"{type(model).__name__} uses ALiBi position biases (config alibi=True): its attention adds a bias per "
+                "key position that hae::slot_attention over fixed slots does not apply; hae_fx supports rotary and "
+                "learned absolute positions"
+            )
+
     def layer_kinds(self, model: torch.nn.Module) -> list[LayerKind]:
         """Each decoder layer's attention kind (global, sliding window, chunked)."""
         return layer_kinds(self.text_config(model))
@@ -91,15 +114,20 @@ GENERIC = ModelFamily(name="generic")
 def decoder_layers(decoder: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
     """The decoder's list of layers: `decoder.layers`, or its one `ModuleList` of `num_layers` modules (GPT-2's
     `h`). Raises `HAEUnsupportedModelError` when there is none."""
-    layers = getattr(decoder, "layers", None)
+    layers = _layer_list(decoder, num_layers)
+    if layers is None:
+        raise HAEUnsupportedModelError(
+            f"hae_fx could not find the decoder layers of {type(decoder).__name__}: it has no `layers` and no single "
+            f"ModuleList of {num_layers} modules; add a ModelFamily entry in hae_fx.models whose find_language_model "
+            "returns the module holding them"
+        )
+    return layers
+
+
+def _layer_list(module: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList | None:
+    layers = getattr(module, "layers", None)
     if isinstance(layers, torch.nn.ModuleList):
         return layers
-    candidates = [child for child in decoder.children()
+    candidates = [child for child in module.children()
                   if isinstance(child, torch.nn.ModuleList) and len(child) == num_layers]
-    if len(candidates) != 1:
-        raise HAEUnsupportedModelError(
-            f"hae_fx could not find the decoder layers of {type(decoder).__name__}: it has no `layers` and "
-            f"{len(candidates)} ModuleList(s) of {num_layers} modules; add a ModelFamily entry in hae_fx.models "
-            "whose find_language_model returns the module holding them"
-        )
-    return candidates[0]
+    return candidates[0] if len(candidates) == 1 else None

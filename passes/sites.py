@@ -41,6 +41,7 @@ _SCALES = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor, torch.ops.aten.mu
 _DIVIDES = {operator.truediv, torch.div, torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar}
 _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 _AFTER_SOFTMAX = {torch.nn.functional.dropout, torch.ops.aten.dropout.default}
+_TANHS = {torch.tanh, torch.ops.aten.tanh.default}
 
 
 @dataclass
@@ -132,12 +133,21 @@ def _sdpa_site(node: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionSite 
 
 
 def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionSite | None:
-    """Match `matmul(q, k^T) [* s | / s] [+ mask] -> softmax -> [to] [dropout] -> matmul(p, v)`."""
+    """Match `matmul(q, k^T) [* s | / s] [+ mask] -> softmax -> [to] [dropout] -> matmul(p, v)`.
+
+    Raises:
+        HAESiteError: the logits over cache keys pass through `tanh` (attention logit softcapping, Gemma 2's
+            `attn_logit_softcapping`), which `hae::slot_attention` does not compute.
+    """
     owned = [softmax]
     scale = 1.0
+    softcapped = False
     node = softmax.args[0]
     while isinstance(node, fx.Node) and not _is_call(node, _MATMULS, "matmul"):
-        if _is_call(node, _ADDS, "add"):
+        if _is_call(node, _TANHS, "tanh"):
+            softcapped = True
+            node = node.args[0]
+        elif _is_call(node, _ADDS, "add"):
             owned.append(node)
             node = node.args[0]
         elif _is_call(node, _SCALES, "mul") and isinstance(node.args[1], (int, float)):
@@ -161,6 +171,13 @@ def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionS
     keys = trace_to_cache(key_t, roles, "keys", owned)
     if keys is None:
         return None
+    if softcapped:
+        raise HAESiteError(
+            f"layer {roles[keys].layer}: the attention logits over cache keys are soft-capped (tanh between QK^T and "
+            "softmax, e.g. Gemma 2's attn_logit_softcapping); hae::slot_attention computes plain softmax attention, "
+            "so hae_fx cannot run this model exactly. Models without logit softcapping (Gemma 3 and later) are "
+            "supported"
+        )
 
     node = softmax
     while True:

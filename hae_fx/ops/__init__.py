@@ -2,10 +2,11 @@
 `slot_attention_no_weight` and `dap_plan_`, plus `slot_attention_fused`, the Triton kernel the two attention
 ops run on CUDA (registered only where the `triton` package is installed; without it they keep the reference).
 
-Each op has a reference implementation (what runs eagerly and in the eager-reference path), a fake
-implementation whose strides match the reference (so Inductor's generated code asserts the right layout), and
-an Inductor decomposition registered at import. The decomposition lets Inductor fuse the op with its
-neighbours and lets AOTInductor packages run without these Python definitions.
+Each op has a reference implementation (what runs eagerly and in the eager-reference path; on CUDA the two
+attention ops run the kernel instead), a fake implementation whose strides match the reference (so Inductor's
+generated code asserts the right layout), and an Inductor decomposition registered at import. The
+decomposition lets Inductor fuse the op with its neighbours and lets AOTInductor packages run without these
+Python definitions.
 
 Importing this package registers everything; it must happen before the first compile in a process, because
 Inductor caches its decomposition table (`hae_fx` imports it at import time).

@@ -34,7 +34,8 @@ def register_inductor_decompositions() -> None:
     def _dap_plan(*args):
         run_dap_plan(*args)
 
-    # On CUDA these become the Triton op, which Inductor in turn traces into its kernels (no opaque call)
+    # On CUDA, functionalization has normally traced these ops into the Triton kernels before this table is read
+    # (slot_attention.py); where it has not, the Triton op stays one extern call
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention.default)
     def _slot_attention(q, k_cache, v_cache, slot_pos, scale):
         return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True)

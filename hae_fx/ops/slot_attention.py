@@ -5,8 +5,9 @@ Slots hold tokens in whatever order eviction left them, so validity comes from t
 (mean over query heads, summed over queries): the score that H2O-style and HAE policies accumulate;
 `hae::slot_attention_no_weight` is the same attention without that output, for policies that read no scores.
 
-On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`), eagerly and through
-their Inductor decompositions; elsewhere, and for shapes the kernel does not take, they run `attend_slots`.
+On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`): eagerly, and under
+Inductor and AOTInductor traced into its kernels; elsewhere, and for shapes the kernel does not take, they run
+`attend_slots`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch.export._trace import custom_triton_ops_decomposition_disabled
 
 #: what the fused kernel takes: these dtypes, head dims up to this
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,14 +99,15 @@ def _trace_into_fused_kernel(need_weight: bool):
     Why: Inductor applies its decomposition table below functionalization, where a Triton op stays an opaque
     call (an extern kernel launched from Python, and a Python op an AOTInductor package would need at load
     time). Under functionalization the Triton op instead decomposes into its kernels, which Inductor compiles
-    into its own code. `torch.export` (`mode.export`) keeps the hae op as one node, as Triton ops do there.
+    into its own code. `torch.export` keeps the hae op as one node, as it keeps Triton ops (the same switch);
+    AOTInductor's own tracing of an exported program does decompose, so the package holds the kernels.
     """
     def rule(mode, op, types, args, kwargs):
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
             return NotImplemented
         bound = dict(zip((a.name for a in op._schema.arguments), args, strict=False), **kwargs)
         q, k_cache, v_cache, slot_pos, scale = (bound[n] for n in ("q", "k_cache", "v_cache", "slot_pos", "scale"))
-        if mode.export or not uses_fused_kernel(q, k_cache, v_cache):
+        if custom_triton_ops_decomposition_disabled() or not uses_fused_kernel(q, k_cache, v_cache):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale,

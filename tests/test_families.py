@@ -1,0 +1,169 @@
+"""Every tested HF family: `full` reproduces HF, evicting policies run in fixed memory, windows are exact, and the
+layouts hae_fx cannot compute are refused by name. Families and their tiny configs: tests/families.py."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hae_fx
+from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
+from hae_fx.cache import kept_positions
+from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind, layer_kinds
+from tests.families import BY_NAME, FAMILIES, WINDOW
+from tests.oracle import run_oracle, streaming_keep
+
+EAGER = {"hae.compiler": "eager"}
+NEW_TOKENS = 14
+FAMILY_IDS = [family.name for family in FAMILIES]
+
+
+def _transformed(family, config, reference, options=EAGER):
+    model = family.build()
+    model.load_state_dict(reference.state_dict())
+    return hae_fx.transform(model, config, options=options)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("name", FAMILY_IDS)
+def test_full_reproduces_hf_static_cache_tokens_and_logits(name, batch):
+    family = BY_NAME[name]
+    reference = family.build()
+    inputs = family.inputs(batch)
+    expected = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static",
+                                  return_dict_in_generate=True, output_logits=True)
+    model = _transformed(family, HAEConfig(policy="full", capacity=48), reference)
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-4, rtol=1e-4)
+    assert len(model.hae_graphs["decode"]) == 1
+
+
+@pytest.mark.parametrize("policy", ["streaming", "hae"])
+@pytest.mark.parametrize("name", FAMILY_IDS)
+def test_evicting_policies_run_in_fixed_memory(name, policy, dynamo_counters):
+    family = BY_NAME[name]
+    sinks, window, capacity = 2, 3, 12
+    config = HAEConfig(policy=policy, capacity=capacity, sinks=sinks, window=window,
+                       **({"bin_size": 4} if policy == "hae" else {}))
+    model = _transformed(family, config, family.build())
+    inputs = family.inputs(2)
+    cache = hae_fx.HAECache.for_model(model, config, batch=2)
+    nbytes = cache.nbytes
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=30, do_sample=False,
+                         return_dict_in_generate=True)
+    assert out.past_key_values is cache and cache.nbytes == nbytes
+    assert len(model.hae_graphs["decode"]) == 1
+    assert dynamo_counters["graph_break"] == {}
+    kept = kept_positions(cache)
+    valid = inputs["attention_mask"].sum(-1).tolist()
+    for row, positions in enumerate(kept):
+        seen = list(range(valid[row] + 29))  # the last token is sampled, never cached
+        assert len(positions) <= capacity
+        if policy == "streaming":
+            assert positions == streaming_keep(seen, capacity, sinks)
+
+
+@pytest.mark.parametrize("name", [family.name for family in FAMILIES if family.windowed and not family.image_tokens])
+def test_windowed_layers_match_the_oracle_under_streaming(name):
+    """Global layers attend over the streaming set, sliding layers over their last WINDOW positions: tokens, logits
+    and kept positions equal the eager oracle's at every step."""
+    family = BY_NAME[name]
+    reference = family.build()
+    inputs = family.inputs(1)
+    inputs.pop("attention_mask")
+    config = HAEConfig(policy="streaming", capacity=10, sinks=2, window=3)
+    model = _transformed(family, config, reference)
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    tokens, kept, logits = run_oracle(reference, inputs, policy="streaming", capacity=10, sinks=2, new_tokens=24)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert out.sequences[:, prompt_len:].tolist() == tokens
+    torch.testing.assert_close(torch.cat(out.logits), logits, atol=1e-4, rtol=1e-4)
+    assert kept_positions(out.past_key_values) == [kept[-1]]
+
+
+def test_sliding_layers_hold_only_their_window():
+    family = BY_NAME["gemma3-text"]
+    model = family.build()
+    config = HAEConfig(policy="full", capacity=48)
+    cache = hae_fx.HAECache.for_model(model, config, batch=2)
+    kinds = [layer.kind for layer in cache.layers]
+    assert [kind.kind for kind in kinds] == [SLIDING] * 5 + [FULL] + [SLIDING]
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == (WINDOW if layer.kind.windowed else 48)
+    global_bytes = cache.kv_bytes_per_token * 48
+    assert cache.kv_nbytes == global_bytes * (1 + 6 * WINDOW / 48) / 7
+
+
+def test_gemma3_text_compiles_with_inductor_like_the_reference_path(dynamo_counters):
+    family = BY_NAME["gemma3-text"]
+    reference = family.build()
+    inputs = family.inputs(2)
+    config = HAEConfig(policy="streaming", capacity=10, sinks=2, window=3)
+    runs = []
+    for compiler in ("eager", "inductor"):
+        model = _transformed(family, config, reference, options={"hae.compiler": compiler})
+        runs.append(model.generate(**inputs, max_new_tokens=20, do_sample=False, return_dict_in_generate=True,
+                                   output_logits=True))
+    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
+    torch.testing.assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits), atol=1e-4, rtol=1e-4)
+    assert dynamo_counters["graph_break"] == {}
+    assert len(model.hae_graphs["decode"]) == 1
+
+
+def test_kv_geometry_the_config_hides_is_refused_not_run():
+    family = BY_NAME["llama"]
+    model = _transformed(family, HAEConfig(policy="full", capacity=48), family.build())
+    text = model.config
+    wrong = hae_fx.HAECache(model.hae_config, num_layers=text.num_hidden_layers, batch=1, kv_heads=4, head_dim=16,
+                            dtype=torch.float32, device="cpu")
+    inputs = family.inputs(1)
+    with pytest.raises(HAEUnsupportedModelError, match=r"but the HAECache was sized for 4 KV heads of dim 16"):
+        model.generate(**inputs, past_key_values=wrong, max_new_tokens=3)
+
+
+def test_attention_logit_softcapping_is_refused():
+    config = AutoConfig.for_model("gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+                                  attn_logit_softcapping=50.0, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    hae_fx.transform(model, HAEConfig(policy="streaming", capacity=10, sinks=2, window=3), options=EAGER)
+    with pytest.raises(HAESiteError, match="soft-capped .*attn_logit_softcapping"):
+        model.generate(torch.randint(3, 100, (1, 12)), max_new_tokens=3, do_sample=False)
+
+
+def test_alibi_is_refused():
+    config = AutoConfig.for_model("falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=128, alibi=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(HAEUnsupportedModelError, match="ALiBi"):
+        hae_fx.transform(model, HAEConfig())
+
+
+def test_layer_kinds_from_configs():
+    base = dict(num_hidden_layers=3, sliding_window=8)
+    assert layer_kinds(SimpleNamespace(**base)) == [LayerKind(SLIDING, 8)] * 3
+    assert layer_kinds(SimpleNamespace(**base, use_sliding_window=False)) == [LayerKind(FULL)] * 3
+    chunked = SimpleNamespace(num_hidden_layers=2, attention_chunk_size=16, sliding_window=None,
+                              layer_types=["chunked_attention", "full_attention"])
+    assert layer_kinds(chunked) == [LayerKind(CHUNKED, 16), LayerKind(FULL)]
+    with pytest.raises(HAEUnsupportedModelError, match="layer type 'linear_attention'"):
+        layer_kinds(SimpleNamespace(**base, layer_types=["full_attention", "linear_attention", "full_attention"]))
+
+
+def test_inspect_lists_layer_kinds_sites_and_plan():
+    family = BY_NAME["gemma3-text"]
+    model = _transformed(family, HAEConfig(policy="streaming", capacity=10, sinks=2, window=3), family.build())
+    before = hae_fx.inspect(model)
+    assert "not compiled yet" in str(before)
+    assert [layer.kind for layer in before.layers] == [f"sliding {WINDOW}"] * 5 + ["global", f"sliding {WINDOW}"]
+    model.generate(**family.inputs(1), max_new_tokens=3, do_sample=False)
+    after = hae_fx.inspect(model)
+    assert [layer.decode_sites for layer in after.layers] == [("sdpa",)] * 7
+    assert [layer.slots for layer in after.layers] == [WINDOW] * 5 + [10, WINDOW]
+    assert "decode graph 0: 7 attention site(s) rewritten" in str(after)
+    with pytest.raises(hae_fx.HAEError, match="call hae_fx.transform"):
+        hae_fx.inspect(family.build())
