@@ -13,9 +13,11 @@ RULER-style tasks, each sample generated deterministically from `--seed` over th
 
 HF's own `generate` with its full cache is the reference. A retrieval task is kept only where that reference
 scores >= 90%; a dropped task is reported, not run. Then every policy in `hae_fx.policies.available()` runs
-through `hae_fx.transform` at budgets of 10/20/35/50/75% of the sequence (prompt + new tokens) and full, with
-the same rule for sinks, window and bin as `benchmarks/accuracy.py`. Writes `retrieval.csv`, `retrieval.md` and
-`retrieval.png` (score against budget, one line per policy, one panel per task) under `--out`.
+through `hae_fx.transform`: the evicting ones at budgets of 10/20/35/50/75% of the sequence (prompt + new tokens),
+`full` at 100%, with the same rule for sinks, window and bin as `benchmarks/accuracy.py`. On 2 CPU cores each
+policy and budget costs a transform and a prefill of every sample, and the default sweep takes hours (one task
+at 1k tokens, 8 samples: 22 minutes). Writes `retrieval.csv`, `retrieval.md` and `retrieval.png` (score against
+budget, one line per policy, one panel per task) under `--out`.
 """
 
 from __future__ import annotations
