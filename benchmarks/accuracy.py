@@ -37,7 +37,7 @@ from hae_fx.models.synthvlm import QUESTION_KINDS, WordTokenizer
 from hae_fx.models.synthvlm.data import Example, held_out, max_answer_tokens
 from hae_fx.models.synthvlm.evaluate import accuracy_by_kind, generate_answers, prompt_width, question_groups
 from hae_fx.models.synthvlm.model import load
-from hae_fx.policies import available, config_class, policy_class
+from hae_fx.policies import available, config_class, get_policy, sweep_config
 
 BUDGETS = (1.0, 0.8, 0.59, 0.4, 0.2, 0.1)
 QUICK_BUDGETS = (1.0, 0.59, 0.2)
@@ -58,7 +58,7 @@ class Variant:
 
     @property
     def evicts(self) -> bool:
-        return policy_class(self.policy).evicts
+        return get_policy(self.policy).evicts
 
 
 def config_fields(policy: str) -> set[str]:
@@ -83,10 +83,8 @@ def config_for(variant: Variant, capacity: int) -> PolicyConfig:
     policies with a recycle bin, a bin of an eighth (at least 1). Every other field keeps its default (the
     papers' values: DAP thresholds, SnapKV's pooling, ...).
     """
-    fields = dict(capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
-                  bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden)
-    known = config_fields(variant.policy)
-    return config_class(variant.policy)(**{name: value for name, value in fields.items() if name in known})
+    return sweep_config(variant.policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
+                        bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden)
 
 
 @dataclass

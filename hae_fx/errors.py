@@ -19,3 +19,7 @@ class HAEUnsupportedModelError(HAEError, TypeError):
 
 class HAECapacityError(HAEError, ValueError):
     """The request does not fit the cache: a `full` cache too small, or a batch that differs from the cache's."""
+
+
+class HAEMissingDependencyError(HAEError, ImportError):
+    """An optional package a feature needs (a model checkpoint, a converter, a text corpus) is not installed."""

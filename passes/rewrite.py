@@ -92,14 +92,14 @@ def _score_weights(sites: list[AttentionSite], config: PolicyConfig | None) -> d
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, score: fx.Node,
                   score_weight: float | None) -> None:
+    args = (site.query, site.keys, site.values, valid_pos, scale_of(site))
     with graph.inserting_before(site.output):
-        attention = graph.call_function(
-            torch.ops.hae.slot_attention.default,
-            (site.query, site.keys, site.values, valid_pos, scale_of(site)),
-        )
-        out = graph.call_function(operator.getitem, (attention, 0))
-        slot_weight = graph.call_function(operator.getitem, (attention, 1))
-        if score_weight is not None:
+        if score_weight is None:  # nothing reads this site's per-slot attention: the op that skips computing it
+            out = graph.call_function(torch.ops.hae.slot_attention_no_weight.default, args)
+        else:
+            attention = graph.call_function(torch.ops.hae.slot_attention.default, args)
+            out = graph.call_function(operator.getitem, (attention, 0))
+            slot_weight = graph.call_function(operator.getitem, (attention, 1))
             graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": score_weight})
     out.meta.update(site.output.meta)
     site.output.replace_all_uses_with(out)

@@ -217,7 +217,7 @@ def _prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, 
              decide: Callable[[torch.Tensor], DAPPlan], *, dap_layer: int, prune_hidden: bool,
              ) -> tuple[torch.Tensor, DAPPlan]:
     """One forward of the prompt. Returns the last token's logits and the DAP plan taken at `dap_layer`."""
-    layers = model.model.language_model.layers
+    layers = model.get_decoder().layers
     prompt_len = input_ids.shape[1]
     state: dict[str, object] = {}
 
@@ -247,8 +247,13 @@ def _prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, 
 
 def _decode_forward(model, token: int, position: int, kept: list[int], cache: DynamicCache
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One decode step over the kept positions. Returns the logits and each layer's `[position + 1]` `Ā` row."""
+    """One decode step over the kept positions (global layers; sliding-window layers see their window). Returns the
+    logits and each layer's `[position + 1]` `Ā` row."""
     mask = decode_mask(kept, position, model.dtype)
+    window = _sliding_window(model)
+    if window is not None:
+        recent = list(range(max(position - window + 1, 0), position + 1))
+        mask = {"full_attention": mask, "sliding_attention": decode_mask(recent, position, model.dtype)}
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask,
                     position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
@@ -256,9 +261,26 @@ def _decode_forward(model, token: int, position: int, kept: list[int], cache: Dy
     return out.logits[0, -1], rows
 
 
-def _score_increments(rows: list[torch.Tensor], score_source: str, dap_layer: int) -> list[float]:
+def _sliding_window(model) -> int | None:
+    """The window of the model's sliding layers when its config marks some layers sliding (`layer_types`)."""
+    text = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None) or []
+    return text.sliding_window if "sliding_attention" in layer_types else None
+
+
+def _global_layers(model) -> list[int]:
+    """Layers whose attention feeds the scores: the full-attention ones (every layer when the config has no types)."""
+    text = model.config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:
+        return list(range(text.num_hidden_layers))
+    return [index for index, kind in enumerate(layer_types) if kind == "full_attention"]
+
+
+def _score_increments(rows: list[torch.Tensor], score_source: str, dap_layer: int,
+                      global_layers: list[int]) -> list[float]:
     if score_source == "layers_mean":
-        return torch.stack(rows).mean(dim=0).tolist()
+        return torch.stack([rows[index] for index in global_layers]).mean(dim=0).tolist()
     if score_source == "dap_layer":
         return rows[dap_layer].tolist()
     raise ValueError(f"unknown score_source {score_source!r}")
@@ -283,13 +305,14 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
     budget = capacity - bin_size
     assert 1 <= bin_size <= budget and budget >= sinks + window + 1, "invalid hae configuration"
     prompt_len = input_ids.shape[1]
-    visual = (input_ids[0] == model.config.image_token_id).tolist()
+    image_token_id = getattr(model.config, "image_token_id", None)
+    visual = [image_token_id is not None and token == image_token_id for token in input_ids[0].tolist()]
 
     def decide(mean_attention: torch.Tensor) -> DAPPlan:
         return dap_plan(mean_attention, visual, capacity=capacity, bin_size=bin_size, sinks=sinks, window=window,
                         r=r, alpha=alpha, max_visual_keep=max_visual_keep)
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # every layer keeps every key; the masks say which ones a step may see
     first_logits, plan = _prefill(model, input_ids, inputs.get("pixel_values"), cache, decide,
                                   dap_layer=dap_layer, prune_hidden=prune_hidden)
     state = DDESState(budget=budget, bin_size=bin_size, sinks=sinks, window=window, visual_first=visual_first,
@@ -305,7 +328,7 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
         kept.append(state.kept)
         binned.append(sorted(state.binned))
         step_logits, rows = _decode_forward(model, tokens[-1], position, state.kept, cache)
-        state.add_attention(_score_increments(rows, score_source, dap_layer))
+        state.add_attention(_score_increments(rows, score_source, dap_layer, _global_layers(model)))
         logits.append(step_logits)
         tokens.append(int(step_logits.argmax()))
     return HAEOracleRun(tokens=tokens, kept=kept, binned=binned, logits=torch.stack(logits),

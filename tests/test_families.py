@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import hae_fx
 from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
@@ -167,3 +167,35 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
     assert "decode graph 0: 7 attention site(s) rewritten" in str(after)
     with pytest.raises(hae_fx.HAEError, match="call hae_fx.transform"):
         hae_fx.inspect(family.build())
+
+
+@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1)])
+def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
+    """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
+    window: kept sets, bins, tokens and logits equal the eager oracle's at every step."""
+    from hae_fx.cache import binned_positions
+    from tests.hae_oracle import run_hae_oracle
+
+    family = BY_NAME[name]
+    reference = family.build(attn_implementation="eager")
+    inputs = family.inputs(1)
+    inputs.pop("attention_mask")
+    fields = dict(capacity=14, bin_size=4, sinks=2, window=3, dap_layer=dap_layer)
+    config = HAEConfig(policy="hae", **fields)
+    model = _transformed(family, config, reference)
+    steps = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            steps.append((kept_positions(cache)[0], binned_positions(cache)[0]))
+            return scores
+
+    cache = hae_fx.HAECache.for_model(model, config, batch=1)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=40, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True,
+                         logits_processor=LogitsProcessorList([Record()]))
+    oracle = run_hae_oracle(reference, inputs, new_tokens=40, r=0.0015, alpha=0.0005, **fields)
+    assert [kept for kept, _ in steps] == oracle.kept
+    assert [binned for _, binned in steps] == oracle.binned
+    assert out.sequences[0, inputs["input_ids"].shape[1]:].tolist() == oracle.tokens
+    torch.testing.assert_close(torch.cat(out.logits), oracle.logits, atol=1e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hae_fx
-from hae_fx.policies import available, config_class
+from hae_fx.policies import available, config_class, sweep_config
 from hae_fx.policies.base import Policy
 from tests.conftest import llava_inputs
 from tests.policy_oracle import model_for
@@ -18,9 +18,7 @@ NO_THRESHOLDS = {"r": 0.0, "alpha": 0.0}
 
 def config_of(policy: str, **fields):
     """`policy`'s config with those of `fields` it has (and a recycle bin of 4 where it has one)."""
-    known = {f.name for f in dataclasses.fields(config_class(policy))}
-    fields = {"bin_size": 4, **fields}
-    return config_class(policy)(**{name: value for name, value in fields.items() if name in known})
+    return sweep_config(policy, bin_size=4, **fields)
 
 
 @pytest.mark.parametrize("policy", available())
@@ -67,4 +65,4 @@ def test_every_policy_has_a_frozen_config_of_its_own():
         assert hae_fx.HAEConfig(policy=policy) == config  # the short form
         with pytest.raises(dataclasses.FrozenInstanceError):
             config.capacity = 1
-        assert issubclass(hae_fx.policies.policy_class(policy), Policy)
+        assert issubclass(hae_fx.policies.get_policy(policy), Policy)

