@@ -83,6 +83,11 @@ def protected_slots(config: PolicyConfig, slot_pos: torch.Tensor, seen: torch.Te
     return (slot_pos < config.sinks) | (slot_pos >= seen.unsqueeze(-1) - config.window)
 
 
+def evictable_slots(config: PolicyConfig, state: SlotState) -> torch.Tensor:
+    """`[B, C]`: occupied slots a decode step may evict (neither a sink nor in the recent window)."""
+    return (state.slot_pos >= 0) & ~protected_slots(config, state.slot_pos, state.seen)
+
+
 def layers_mean(attention: Sequence[torch.Tensor]) -> torch.Tensor:
     """`[B, T, T]`: the prefill attention of every layer read, averaged over those layers (how a policy that keeps
     one index set for all layers reads per-layer attention, as the decode scores do by default)."""

@@ -24,7 +24,7 @@ from hae_fx.config import PolicyConfig, require_bool, require_int
 from hae_fx.errors import HAEConfigError
 from hae_fx.modality import VISUAL
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, lowest, protected_slots
+from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, evictable_slots, lowest
 
 
 @dataclass(frozen=True)
@@ -75,5 +75,5 @@ class FastVPolicy(Policy):
 
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         slot_pos = state.slot_pos
-        candidates = (slot_pos >= 0) & ~protected_slots(self.config, slot_pos, state.seen)
+        candidates = evictable_slots(self.config, state)
         return lowest(candidates, state.score, slot_pos)

@@ -23,7 +23,16 @@ import torch
 
 from hae_fx.config import PolicyConfig, require_int
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, lowest, protected_slots
+from hae_fx.policies.base import (
+    MUST_KEEP,
+    NEVER_KEEP,
+    Policy,
+    Prompt,
+    SlotState,
+    evictable_slots,
+    lowest,
+    protected_slots,
+)
 
 _MODULUS = 2**31 - 1
 
@@ -64,6 +73,6 @@ class RandomPolicy(Policy):
 
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         slot_pos = state.slot_pos
-        candidates = (slot_pos >= 0) & ~protected_slots(self.config, slot_pos, state.seen)
+        candidates = evictable_slots(self.config, state)
         key = draw(slot_pos, (state.seen + 1).unsqueeze(-1), self.config.seed).to(torch.float64)  # exact
         return lowest(candidates, key, slot_pos)

@@ -25,10 +25,10 @@ from hae_fx.policies.base import (
     Policy,
     Prompt,
     SlotState,
+    evictable_slots,
     layers_mean,
     lowest,
     prefill_protected,
-    protected_slots,
 )
 
 
@@ -63,5 +63,5 @@ class TOVAPolicy(Policy):
 
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         slot_pos = state.slot_pos
-        candidates = (slot_pos >= 0) & ~protected_slots(self.config, slot_pos, state.seen)
+        candidates = evictable_slots(self.config, state)
         return lowest(candidates, state.score, slot_pos)
