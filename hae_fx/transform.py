@@ -31,11 +31,15 @@ import torch
 from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
+from hae_fx.decode_loop import hae_sample
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
+
+#: `transform(decode_loop=...)`: hae_fx's loop for greedy and multinomial decoding, or HF's for everything
+DECODE_LOOPS = ("hae", "hf")
 
 #: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
 PREFILL_SHAPES_PER_MODEL = 64
@@ -54,7 +58,7 @@ def _own_code(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mode: str | None = None,
-              options: dict[str, Any] | None = None) -> torch.nn.Module:
+              options: dict[str, Any] | None = None, decode_loop: str = "hae") -> torch.nn.Module:
     """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
 
     Args:
@@ -64,11 +68,15 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
         options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
             Inductor (the eager-reference path).
+        decode_loop: `"hae"` runs greedy and multinomial decoding in `hae_fx.decode_loop` (HF's tokens without a
+            host-device synchronisation per step); `"hf"` keeps HF's own loop for every request.
 
     The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...]}`, one
     `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
     """
     config = HAEConfig() if config is None else config
+    if decode_loop not in DECODE_LOOPS:
+        raise HAEConfigError(f"decode_loop must be one of {DECODE_LOOPS}, got {decode_loop!r}")
     policy = policy_for(config)  # raises HAEConfigError for anything but a registered policy's config
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
@@ -138,6 +146,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         _check_fits(cache, model, prompt_len, kwargs)
         kwargs["past_key_values"] = cache
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
+        if decode_loop == "hae" and _samples_one_beam(model, kwargs):
+            # HF hands a callable `custom_generate` neither the streamer nor synced_gpus: bind them
+            kwargs["custom_generate"] = functools.partial(hae_sample, streamer=kwargs.get("streamer"))
         return eager_generate(*args, **kwargs)
 
     if policy.pruned_after() is not None:
@@ -232,6 +243,19 @@ def _prompt_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     raise HAEConfigError("hae_fx needs the prompt as input_ids (or inputs_embeds) to size the HAECache")
+
+
+def _samples_one_beam(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether `generate(**kwargs)` decodes greedily or by sampling, one beam, no assistant, on one process: the
+    requests `hae_fx.decode_loop` takes (HF hands its `custom_generate` every request, whatever its mode)."""
+    generation_config = kwargs.get("generation_config") or model.generation_config
+
+    def setting(name: str) -> Any:
+        return kwargs.get(name, getattr(generation_config, name, None))
+
+    other_loop = any(kwargs.get(name) for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate",
+                                                    "synced_gpus"))
+    return setting("num_beams") in (None, 1) and not other_loop and setting("prompt_lookup_num_tokens") is None
 
 
 def _check_fits(cache: HAECache, model: torch.nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> None:
