@@ -3,8 +3,9 @@ through the hae backend.
 
 What it installs, on the model instance only (its class and weights are untouched):
 
-- `model.generate`: builds an `HAECache` for the batch, checks the request fits (`full` needs room for prompt +
-  new tokens), and calls HF's `generate` with HF's own compile turned off (hae_fx compiles).
+- `model.generate`: takes the model's `HAECache` for the batch (one, reset and reused by every call that passes
+  none, as HF's static cache is: a returned cache is the next call's), checks the request fits (`full` needs room
+  for prompt + new tokens), and calls HF's `generate` with HF's own compile turned off (hae_fx compiles).
 - `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
   compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
@@ -129,13 +130,26 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         cache.end_prefill()
         return output
 
+    own_cache: list[HAECache] = []
+
+    def reusable_cache(batch: int) -> HAECache:
+        """The model's own cache for `batch`, reset: every generate call that passes no cache reuses one, as HF's
+        static cache does, so its buffers keep their addresses. Under `mode="reduce-overhead"` a fresh cache per
+        call was held alive after its call (docs/gpu.md: the fifth generate of a 7B-shaped model peaked four caches
+        above the first), and its new addresses make CUDA graph trees record the decode step again."""
+        if own_cache and own_cache[0].batch == batch:
+            own_cache[0].reset()
+        else:
+            own_cache[:] = [HAECache.for_model(model, config, batch)]
+        return own_cache[0]
+
     @functools.wraps(eager_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
         prompt = _prompt_tensor(args, kwargs)
         batch, prompt_len = prompt.shape[:2]
         cache = kwargs.get("past_key_values")
         if cache is None:
-            cache = HAECache.for_model(model, config, batch)
+            cache = reusable_cache(batch)
         elif not isinstance(cache, HAECache):
             raise HAEConfigError(
                 f"a transformed model generates with an hae_fx.HAECache, got {type(cache).__name__}; omit "

@@ -1,0 +1,437 @@
+"""Decode speed, time to first token and memory of HF's generation paths and hae_fx's, side by side in one process.
+
+Every configuration runs the same prompts on a fresh build of the same random weights: HF eager (dynamic cache),
+HF `generate(cache_implementation="static")` (HF compiles its decode step, `reduce-overhead`), hae `full`,
+`full` with HF's own decode loop (`transform(decode_loop="hf")`), hae at -50% and -80% KV, `hae` with hidden-state
+pruning, and `streaming` at -50%. Decode ms/token is the median interval between consecutive steps, each marked by a
+CUDA event that a logits processor records; the floor is (decoder weights + live KV bytes) / the copy bandwidth
+measured in the same run, so `floor ratio` says how far a step is from reading its bytes once.
+
+    python benchmarks/speed.py --model llava7b --batch 8 --out benchmarks/results          # on the GPU
+    python benchmarks/speed.py --device cpu --quick --out DIR                               # a functional check
+
+Writes `speed_<model>_<prompt>.csv` (one row per configuration and batch), a JSON with every measurement and a
+plot under `--out`, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
+
+import hae_fx
+from hae_fx.models.llava import llava_prompt, tiny_llava, visual_token_count
+
+#: HF and hae_fx generation paths; the hae ones name their capacity as a share of a full cache's
+CONFIGS = ("hf_eager", "hf_static", "full", "full_hf_loop", "hae50", "hae80", "hae50_prune", "streaming50")
+#: capacity as a share of prompt + new tokens
+KV_SHARE = {"hae50": 0.5, "hae80": 0.2, "hae50_prune": 0.5, "streaming50": 0.5}
+#: prompts: LLaVA-1.5's single image (576 visual tokens at 7B shapes), and five images (2,880 visual tokens)
+PROMPTS = {"llava": 1, "visual": 5}
+
+
+def llava_shaped(device: str, tiny: bool) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's shapes (ViT-L/14 at 336 px: 576 visual tokens; Llama-2-7B: 32 layers, 32 heads, 4096
+    hidden) with random bf16 weights built on `device`; `tiny`: the fp32 tiny LLaVA of the tests."""
+    if tiny:
+        return tiny_llava(seed=0, text_layers=2, initializer_range=0.2).to(device)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt_inputs(model, images: int, batch: int, device: str) -> dict[str, torch.Tensor]:
+    """BOS and 4 text tokens, `images` images each followed by 8 text tokens, then 32 text tokens."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.config.text_config.vocab_size, 30000)
+    ids = [1, 3, 4, 5, 6]
+    for _ in range(images):
+        text = torch.randint(3, vocab - 8, (8,), generator=generator).tolist()
+        ids = llava_prompt(model.config, prefix=ids, suffix=text)
+    ids += torch.randint(3, vocab - 8, (32,), generator=generator).tolist()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch * images, 3, size, size, generator=generator)
+    return {"input_ids": torch.tensor([ids] * batch, device=device), "pixel_values": pixels.to(device, model.dtype)}
+
+
+class StepEvents(LogitsProcessor):
+    """Records an event on the device stream at every decoding step (HF calls logits processors once per step)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.events: list[Any] = []
+        self.host_times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        self.host_times.append(time.perf_counter())
+        return scores
+
+    def intervals_ms(self) -> list[float]:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in zip(self.host_times, self.host_times[1:], strict=False)]
+
+
+@dataclass
+class Result:
+    config: str
+    batch: int
+    prompt_len: int
+    visual_tokens: int
+    new_tokens: int
+    capacity: int | None
+    kv_bytes: int
+    decode_ms: float
+    decode_wall_ms: float
+    ttft_ms: float
+    first_generate_s: float
+    peak_gib: float
+    peak_with_compile_gib: float
+    floor_ms: float
+    floor_ratio: float
+    token_agreement: float | None
+    cudagraph_skips: int
+    graphs: int
+    gpu_busy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device: str) -> float:
+    """Bytes per second of a device-to-device copy (read + write) of 1 GiB (64 MiB on the CPU)."""
+    size = (1 << 30) if device == "cuda" else (64 << 20)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(12):
+        synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size / statistics.median(times[2:])
+
+
+def decoder_weight_bytes(model) -> int:
+    """Bytes a decode step reads of weights: the text decoder and the LM head (the vision tower runs only at
+    prefill)."""
+    vision = {id(p) for part in (model.model.vision_tower, model.model.multi_modal_projector)
+              for p in part.parameters()}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in vision)
+
+
+def kv_bytes_per_token(model, batch: int) -> int:
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
+def hae_config(name: str, full_capacity: int) -> hae_fx.HAEConfig | None:
+    if name in ("full", "full_hf_loop"):
+        return hae_fx.HAEConfig(policy="full", capacity=full_capacity)
+    if name not in KV_SHARE:
+        return None
+    capacity = round(KV_SHARE[name] * full_capacity)
+    # the tiny model's capacities need fewer protected tokens than the defaults
+    protected = {} if capacity >= 64 else {"sinks": 2, "window": 4}
+    if name.startswith("streaming"):
+        return hae_fx.HAEConfig(policy="streaming", capacity=capacity, **protected)
+    config = hae_fx.HAEConfig(policy="hae", capacity=capacity, bin_size=max(2, capacity // 8), **protected)
+    return config.replace(prune_hidden=True) if name.endswith("_prune") else config
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, hae_fx.HAECache):
+        return cache.kv_nbytes
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))
+
+
+def run_config(name: str, args, batch: int, images: int, bandwidth: float,
+               reference_tokens: dict[int, torch.Tensor]) -> Result:
+    device = args.device
+    model = llava_shaped(device, args.quick)
+    inputs = prompt_inputs(model, images, batch, device)
+    prompt_len = inputs["input_ids"].shape[1]
+    new_tokens = args.new_tokens
+    config = hae_config(name, prompt_len + new_tokens)
+    generate_kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if name == "hf_static":
+        generate_kwargs["cache_implementation"] = "static"
+        if device != "cuda":
+            generate_kwargs["disable_compile"] = True  # the CPU check runs HF's static cache eagerly
+    elif name == "hf_eager":
+        generate_kwargs["disable_compile"] = True
+    else:
+        mode = "reduce-overhead" if device == "cuda" else None
+        options = None if device == "cuda" else {"hae.compiler": "eager"}
+        hae_fx.transform(model, config, mode=mode, options=options,
+                         decode_loop="hf" if name == "full_hf_loop" else "hae")
+    torch._dynamo.utils.counters.clear()
+
+    def generate(tokens: int, steps: StepEvents | None = None, **extra) -> Any:
+        kwargs = {**generate_kwargs, "max_new_tokens": tokens, "min_new_tokens": tokens, **extra}
+        if steps is not None:
+            kwargs["logits_processor"] = [steps]
+        return model.generate(**inputs, **kwargs)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    recording = name in args.memory_snapshot and device == "cuda"
+    if recording:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    start = time.perf_counter()
+    generate(new_tokens)
+    synchronize(device)
+    first_generate_s = time.perf_counter() - start
+    if recording:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        path = args.out / f"peak_allocations_{name}_b{batch}.json"
+        path.write_text(json.dumps(peak_allocations(snapshot), indent=1))
+    peak_with_compile = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+
+    ttfts = []
+    for _ in range(3):
+        synchronize(device)
+        start = time.perf_counter()
+        generate(1)
+        synchronize(device)
+        ttfts.append((time.perf_counter() - start) * 1e3)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = StepEvents(device)
+    synchronize(device)
+    start = time.perf_counter()
+    out = generate(new_tokens, steps, return_dict_in_generate=True)
+    synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    intervals = steps.intervals_ms()
+    decode_ms = statistics.median(intervals)
+    ttft = statistics.median(ttfts)
+
+    tokens = out.sequences[:, prompt_len:].cpu()
+    if name == "hf_static":
+        reference_tokens[batch] = tokens
+    agreement = None
+    if batch in reference_tokens:
+        agreement = (tokens == reference_tokens[batch]).float().mean().item()
+    kv = cache_bytes(out.past_key_values)
+    capacity = config.capacity if config is not None else None
+    per_token = kv_bytes_per_token(model, batch)
+    live = [min(capacity or 1 << 60, prompt_len + step) * per_token for step in range(new_tokens)]
+    floor_ms = (decoder_weight_bytes(model) + statistics.mean(live)) / bandwidth * 1e3
+    counters = torch._dynamo.utils.counters
+    visual_tokens = images * visual_token_count(model.config)
+    result = Result(config=name, batch=batch, prompt_len=prompt_len, visual_tokens=visual_tokens,
+                    new_tokens=new_tokens, capacity=capacity, kv_bytes=kv, decode_ms=decode_ms,
+                    decode_wall_ms=(wall_ms - ttft) / max(new_tokens - 1, 1), ttft_ms=ttft,
+                    first_generate_s=first_generate_s, peak_gib=peak, peak_with_compile_gib=peak_with_compile,
+                    floor_ms=floor_ms, floor_ratio=decode_ms / floor_ms, token_agreement=agreement,
+                    cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+                    graphs=counters["stats"]["unique_graphs"],
+                    extra={"decode_ms_p10_p90": [_quantile(intervals, 0.1), _quantile(intervals, 0.9)],
+                           "ttft_runs_ms": ttfts, "weights_bytes": decoder_weight_bytes(model)})
+    if args.busy and device == "cuda":
+        result.gpu_busy = gpu_busy_fraction(lambda: generate(32))
+    return result
+
+
+def release(device: str) -> None:
+    """Free the last configuration's model, cache and compiled graphs before the next one is built."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_allocations(snapshot: dict, top: int = 40) -> dict[str, Any]:
+    """The blocks alive at the moment of peak allocated memory in a `torch.cuda.memory` history, largest first,
+    each with the innermost frames of its allocation stack."""
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    live, total, peak, peak_index = {}, 0, 0, -1
+    for index, event in enumerate(events):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            total += event["size"]
+            if total > peak:
+                peak, peak_index = total, index
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])
+    live_at_peak: dict[int, dict] = {}
+    for event in events[: peak_index + 1]:
+        if event["action"] == "alloc":
+            live_at_peak[event["addr"]] = event
+        elif event["action"] in ("free_requested", "free_completed"):
+            live_at_peak.pop(event["addr"], None)
+    blocks = sorted(live_at_peak.values(), key=lambda e: -e["size"])
+    # blocks allocated before recording started (the weights) are not in the history
+    return {"peak_recorded_bytes": peak, "blocks_alive": len(blocks),
+            "largest": [{"bytes": e["size"], "frames": [f"{f['filename'].split('site-packages/')[-1]}:{f['line']} "
+                                                        f"{f['name']}" for f in e.get("frames", [])
+                                                        if f["filename"].endswith(".py")][:8]}
+                        for e in blocks[:top]]}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def gpu_busy_fraction(call: Callable[[], Any]) -> float | None:
+    """Share of a call's wall time during which some kernel ran (union of kernel intervals, torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        call()
+        synchronize("cuda")
+        wall_us = (time.perf_counter() - start) * 1e6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return None
+    busy, (current_start, current_end) = 0.0, spans[0]
+    for begin, end in spans[1:]:
+        if begin > current_end:
+            busy += current_end - current_start
+            current_start, current_end = begin, end
+        else:
+            current_end = max(current_end, end)
+    busy += current_end - current_start
+    return busy / wall_us
+
+
+COLUMNS = ("config", "batch", "prompt_len", "visual_tokens", "capacity", "kv_bytes", "decode_ms", "decode_wall_ms",
+           "floor_ms", "floor_ratio", "ttft_ms", "first_generate_s", "peak_gib", "peak_with_compile_gib", "gpu_busy",
+           "token_agreement", "cudagraph_skips", "graphs")
+
+
+def table(results: list[Result]) -> str:
+    """Markdown table, with decode and TTFT ratios against HF static (compiled) at the same batch."""
+    base = {r.batch: r for r in results if r.config == "hf_static"}
+    header = [*COLUMNS, "decode vs hf_static", "ttft vs hf_static"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in results:
+        row = asdict(r)
+        cells = [_cell(row[c]) for c in COLUMNS]
+        ref = base.get(r.batch)
+        cells += [f"{r.decode_ms / ref.decode_ms:.2f}" if ref else "", f"{r.ttft_ms / ref.ttft_ms:.2f}" if ref else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"{r.config}\nB{r.batch}" for r in results]
+    speed.bar(labels, [r.decode_ms for r in results], color="tab:blue", label="decode ms/token")
+    speed.plot(labels, [r.floor_ms for r in results], "k_", markersize=20, label="floor")
+    speed.set_ylabel("ms per token")
+    speed.legend()
+    memory.bar(labels, [r.peak_gib for r in results], color="tab:orange")
+    memory.set_ylabel("peak GiB (steady generate)")
+    for axis in (speed, memory):
+        axis.tick_params(axis="x", labelrotation=60, labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["llava7b"], default="llava7b")
+    parser.add_argument("--prompt", choices=sorted(PROMPTS), default="llava")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[8])
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--quick", action="store_true", help="the tiny fp32 LLaVA and 8 new tokens")
+    parser.add_argument("--busy", action="store_true", help="also profile a 32-token generate for GPU-busy time")
+    parser.add_argument("--memory-snapshot", nargs="*", default=[], choices=CONFIGS,
+                        help="configs whose first generate records the CUDA allocator history; writes the blocks "
+                             "alive at peak to peak_allocations_<config>_b<batch>.json")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens = min(args.new_tokens, 8)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_name = "tiny" if args.quick else args.model
+    bandwidth = measure_bandwidth(args.device)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    configs = sorted(args.configs, key=lambda c: c != "hf_static")  # the token reference first
+    results: list[Result] = []
+    reference_tokens: dict[int, torch.Tensor] = {}
+    for batch in args.batch:
+        for name in configs:
+            result = run_config(name, args, batch, PROMPTS[args.prompt], bandwidth, reference_tokens)
+            release(args.device)
+            results.append(result)
+            print(json.dumps(asdict(result)), flush=True)
+    stem = args.out / f"speed_{model_name}_{args.prompt}"
+    with open(f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    Path(f"{stem}.json").write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "device": _device_name(args.device),
+                                                "results": [asdict(r) for r in results]}, indent=2))
+    plot(results, Path(f"{stem}.png"))
+    print(table(results))
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    main()
