@@ -93,13 +93,13 @@ def _prompt(batch: int, device: str, image: list[int], extra: dict) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
 
 
-def build(config, device: str) -> torch.nn.Module:
-    """Random weights from a fixed seed, built on `device` in bf16 (fp32 on CPU): every build is the same model."""
+def build(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights from a fixed seed, built on `device` in `dtype`: every build is the same model."""
     for part in (config, config.get_text_config(), config.vision_config):
         part._attn_implementation = "sdpa"
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(config).eval()
@@ -128,15 +128,17 @@ def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torc
     return tokens, (long - short) / (new_tokens - 2) * 1e3
 
 
-def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path) -> dict:
+def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
+            dtype: torch.dtype) -> dict:
     make_config, make_inputs = MODELS[name]
     config = make_config(tiny)
     inputs = {k: v.to(device) for k, v in make_inputs(config, batch, device, tiny).items()}
     prompt_len = inputs["input_ids"].shape[1]
-    result: dict = {"model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    result: dict = {"model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
-    model = build(config, device)
+    model = build(config, device, dtype)
     reference, result["hf_static_ms_per_token"] = timed_generate(model, inputs, new_tokens,
                                                                  cache_implementation="static")
     del model
@@ -150,7 +152,7 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.utils.counters.clear()
-        model = hae_fx.transform(build(config, device), hae_config,
+        model = hae_fx.transform(build(config, device, dtype), hae_config,
                                  mode="reduce-overhead" if device == "cuda" else None)
         tokens, ms = timed_generate(model, inputs, new_tokens)
         new = slice(prompt_len, None)
@@ -162,7 +164,7 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
                          "decode_graphs": len(model.hae_graphs["decode"]), "kv_bytes": cache.kv_nbytes,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
         del model, cache
-        (out / f"gpu_families_{name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps({label: result[label]}), flush=True)
     return result
 
@@ -173,12 +175,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="weights and activations (default: bfloat16 on cuda, float32 elsewhere); float32 makes "
+                             "greedy tokens of random weights comparable across attention kernels")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     for name in args.model:
-        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out)), flush=True)
+        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype)),
+              flush=True)
 
 
 if __name__ == "__main__":
