@@ -1,0 +1,200 @@
+"""The `hae-fx` command line (also `python -m hae_fx`): generate with an evicting cache from a local checkpoint,
+and inspect what hae_fx would do to a model before anything runs.
+
+    hae-fx inspect --model DIR [--policy hae --budget 0.5 --context 4096]
+    hae-fx generate --model DIR --prompt TEXT [--image FILE] [--policy hae --budget 0.5 --device cuda]
+
+Everything is offline: `--model` is a local folder as `save_pretrained` writes it. Exit codes: 0 on success, 1
+when hae_fx refuses the model or the request (the message says why and what to do), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from hae_fx.config import PolicyConfig
+from hae_fx.errors import HAEError
+from hae_fx.policies import available, sweep_config
+
+log = logging.getLogger("hae_fx")
+
+#: environment variable that sets the log level when `--verbose` is not given (e.g. `HAE_FX_LOG=DEBUG`)
+LOG_ENV = "HAE_FX_LOG"
+
+EXAMPLES = """examples:
+  hae-fx inspect --model ./llava-1.5-7b-hf --budget 0.5 --context 4096
+  hae-fx generate --model ./llava-1.5-7b-hf --image cat.png --prompt "What is in the picture?" --budget 0.5
+  hae-fx generate --model ./gemma-3-270m --prompt "The capital of France is" --policy streaming --budget 0.25
+"""
+
+
+class UsageError(Exception):
+    """A command-line argument that cannot work (exit code 2)."""
+
+
+def policy_config(policy: str, budget: float, context: int) -> PolicyConfig:
+    """`policy`'s config holding `budget` of a full cache of `context` tokens, by the benchmarks' sweep rule
+    (4 sinks, a window of a quarter of the capacity up to 16, a recycle bin of an eighth)."""
+    if policy not in available():
+        raise UsageError(f"unknown policy {policy!r}; choose one of {', '.join(available())}")
+    if not 0 < budget <= 1:
+        raise UsageError(f"--budget is the share of a full cache to keep, in (0, 1]; got {budget}")
+    if policy == "full":
+        return sweep_config(policy, capacity=context)
+    capacity = max(8, round(budget * context))
+    return sweep_config(policy, capacity=capacity, sinks=4, window=max(1, min(16, capacity // 4)),
+                        bin_size=max(1, capacity // 8))
+
+
+def kv_bytes(model: torch.nn.Module, capacity: int, dtype: torch.dtype) -> int:
+    """K/V bytes per sequence of a cache of `capacity` slots for `model` (windowed layers keep their ring)."""
+    from hae_fx.models import family_of
+
+    family = family_of(model)
+    kv_heads, head_dim = family.kv_geometry(model)
+    slots = sum(kind.cache_slots(capacity) for kind in family.layer_kinds(model))
+    return 2 * slots * kv_heads * head_dim * dtype.itemsize
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
+def _load_config(path: Path):
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {path}: no config.json there; pass a folder written by save_pretrained")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    import hae_fx
+
+    config = _load_config(args.model)
+    with torch.device("meta"):  # the structure only: no weights are read
+        model = _model_class(config).from_config(config)
+    hae_config = policy_config(args.policy, args.budget, args.context)
+    hae_fx.transform(model, hae_config)
+    print(hae_fx.inspect(model))
+    dtype = config.get_text_config().dtype or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    full, kept = kv_bytes(model, args.context, dtype), kv_bytes(model, hae_config.capacity, dtype)
+    print(f"KV bytes per sequence at {args.context} tokens ({str(dtype).removeprefix('torch.')}): full cache "
+          f"{_size(full)}, {args.policy} at budget {args.budget} {_size(kept)} ({1 - kept / full:.0%} less)")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import hae_fx
+
+    config = _load_config(args.model)
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"--image {args.image}: no such file")
+    multimodal = hasattr(config, "vision_config")
+    if args.image is not None and not multimodal:
+        raise UsageError(f"--image given but {args.model} is a text model ({config.model_type})")
+    inputs, tokenizer = _prompt_inputs(args, multimodal)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    log.info("loading %s", args.model)
+    model = _model_class(config).from_pretrained(args.model, local_files_only=True, dtype=dtype).to(args.device).eval()
+    inputs = {name: value.to(args.device) for name, value in inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    hae_config = policy_config(args.policy, args.budget, prompt_len + args.max_new_tokens)
+    options = {"hae.compiler": "eager"} if args.compiler == "eager" else None
+    hae_fx.transform(model, hae_config, mode="reduce-overhead" if args.device.startswith("cuda") else None,
+                     options=options)
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+                         return_dict_in_generate=True)
+    seconds = time.perf_counter() - start
+    new_tokens = out.sequences.shape[1] - prompt_len
+    summary = hae_fx.report(out.past_key_values)
+    visual = summary.sequences[0]
+    kept = f", visual tokens kept {visual.kept_visual}/{visual.prompt_visual}" if visual.prompt_visual else ""
+    print(f"{new_tokens} tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tokens/s, compile included); "
+          f"{args.policy} KV {_size(summary.kv_bytes)} vs full {_size(summary.full_kv_bytes)} "
+          f"({summary.kv_saving:.0%} less){kept}")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _prompt_inputs(args: argparse.Namespace, multimodal: bool):
+    if args.image is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        return dict(tokenizer(args.prompt, return_tensors="pt")), tokenizer
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+    image_token = getattr(processor, "image_token", "<image>")
+    text = args.prompt if image_token in args.prompt else f"{image_token}\n{args.prompt}"
+    inputs = processor(text=text, images=Image.open(args.image).convert("RGB"), return_tensors="pt")
+    return dict(inputs), processor.tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hae-fx", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help=f"-v for progress (INFO), -vv for debugging; or set {LOG_ENV}=INFO|DEBUG")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, context_default: int | None) -> None:
+        sub.add_argument("--model", type=Path, required=True, help="a local HF checkpoint folder")
+        sub.add_argument("--policy", default="hae", help=f"eviction policy: {', '.join(available())}")
+        sub.add_argument("--budget", type=float, default=0.5,
+                         help="share of a full cache to keep, in (0, 1] (default 0.5)")
+        if context_default is not None:
+            sub.add_argument("--context", type=int, default=context_default,
+                             help="tokens (prompt + generated) the budget is a share of")
+
+    inspect = commands.add_parser("inspect", help="the layers, their cache slots and the plan, before anything runs",
+                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(inspect, context_default=4096)
+    generate = commands.add_parser("generate", help="generate from a prompt (and an image), tokens streamed",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(generate, context_default=None)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--image", type=Path, help="an image file, for a vision-language model")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                          help="weights dtype (default: the checkpoint's)")
+    generate.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
+                          help="eager: run the rewritten graphs without Inductor (no compile wait; slower steps)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: os.environ.get(LOG_ENV, "WARNING").upper(), 1: "INFO"}.get(args.verbose, "DEBUG")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"inspect": run_inspect, "generate": run_generate}[args.command](args)
+    except UsageError as error:
+        parser.error(str(error))  # exits with 2
+    except HAEError as error:
+        print(f"hae-fx: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
