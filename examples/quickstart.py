@@ -1,61 +1,7 @@
-"""hae_fx in one page: the trained SynthVLM answers questions about a scene with a full KV cache and with `hae`.
+"""hae_fx in one page: the trained SynthVLM answers questions about a scene with a full KV cache and with `hae`
+(the `hae-fx demo` command; `hae_fx/demo.py` is the code to read)."""
 
-Run it with `make demo` (or `python examples/quickstart.py` in an environment with hae_fx installed). SynthVLM is a
-small LLaVA shipped with hae_fx and trained on grid-of-shapes scenes (`hae_fx.models.synthvlm`); each image is 144
-visual tokens. The `hae` cache holds 59% of what a full cache needs for the longest answer, whatever the prompt or
-generation length. The demo writes `scene.png` (the image the model sees) and `kept_patches.png` (the patches
-Dual-Attention Pruning kept at prefill, the others dimmed).
-"""
-
-import time
-
-import torch
-
-import hae_fx
-from hae_fx.models.synthvlm import data
-from hae_fx.models.synthvlm import model as synthvlm
-from hae_fx.models.synthvlm.scenes import render
-from hae_fx.viz import kept_patches
-
-HELD_OUT_SCENE = 5
-KINDS = ("count", "locate", "describe")
-FULL_SLOTS = 256  # a full cache sized for the longest prompt (156) plus the longest answer (85)
-HAE_SLOTS = 140  # 59% of a description's full cache (152 + 85 slots)
-
-
-def main() -> None:
-    torch.manual_seed(0)
-    tokenizer = synthvlm.load()[1]
-    questions = [data.example_for(data.HELD_OUT, HELD_OUT_SCENE, kind) for kind in KINDS]
-    render(questions[0].scene).save("scene.png")
-    print("scene.png: a 4x4 grid of shapes, 96x96 px, 144 visual tokens")
-
-    configs = {
-        "full": hae_fx.HAEConfig(policy="full", capacity=FULL_SLOTS),
-        "hae": hae_fx.HAEConfig(policy="hae", capacity=HAE_SLOTS, bin_size=HAE_SLOTS // 8, window=16),
-    }
-    models = {name: hae_fx.transform(synthvlm.load()[0], config) for name, config in configs.items()}
-    for example in questions:
-        inputs = data.prompt_batch(tokenizer, [example])
-        print(f"\nQ: {example.question}\n   expected: {example.answer}")
-        for name, model in models.items():
-            start = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=data.max_answer_tokens([example.kind]),
-                                 return_dict_in_generate=True)
-            seconds = time.perf_counter() - start
-            answer = tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
-            cache = out.past_key_values
-            verdict = "correct" if answer == example.answer else "WRONG"
-            summary = hae_fx.report(cache)
-            saved = f", {summary.kv_saving:.0%} less than a full cache of this prompt and answer"
-            note = saved if name == "hae" else ""
-            print(f"   {name:<4} [{verdict}] {answer}\n        KV {cache.kv_nbytes / 1024:.0f} KiB{note}; "
-                  f"{seconds:.1f} s (the first call of each prompt shape compiles)")
-        if example.kind == "describe":  # the last cache and summary are hae's
-            print("\n".join(f"   {line}" for line in str(summary).splitlines()))
-            kept_patches(render(example.scene), cache, "kept_patches.png")
-            print("   kept_patches.png: the patches the hae cache kept after prefill (evicted ones dimmed)")
-
+from hae_fx.demo import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """The `hae-fx` command line (also `python -m hae_fx`): generate with an evicting cache from a local checkpoint,
 and inspect what hae_fx would do to a model before anything runs.
 
+    hae-fx demo
     hae-fx inspect --model DIR [--policy hae --budget 0.5 --context 4096]
     hae-fx generate --model DIR --prompt TEXT [--image FILE] [--policy hae --budget 0.5 --device cuda]
 
@@ -76,6 +77,12 @@ def _load_config(path: Path):
     if not (path / "config.json").is_file():
         raise UsageError(f"--model {path}: no config.json there; pass a folder written by save_pretrained")
     return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from hae_fx.demo import main as demo
+
+    demo(compiler=args.compiler)
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--context", type=int, default=context_default,
                              help="tokens (prompt + generated) the budget is a share of")
 
+    demo = commands.add_parser("demo", help="the shipped SynthVLM answers questions with a full cache and with hae")
+    demo.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
+                      help="eager: run the rewritten graphs without Inductor (no compile wait)")
     inspect = commands.add_parser("inspect", help="the layers, their cache slots and the plan, before anything runs",
                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(inspect, context_default=4096)
@@ -191,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: os.environ.get(LOG_ENV, "WARNING").upper(), 1: "INFO"}.get(args.verbose, "DEBUG")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"inspect": run_inspect, "generate": run_generate}[args.command](args)
+        {"demo": run_demo, "inspect": run_inspect, "generate": run_generate}[args.command](args)
     except UsageError as error:
         parser.error(str(error))  # exits with 2
     except HAEError as error:

@@ -83,3 +83,14 @@ def test_refused_model_exits_1_with_the_hae_error(tmp_path):
     run = hae_fx_cli("inspect", "--model", str(tmp_path))
     assert run.returncode == 1
     assert run.stderr.startswith("hae-fx: HAE") and "alibi" in run.stderr.lower()
+
+
+def test_demo_answers_with_both_caches(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "hae_fx", "demo", "--compiler", "eager"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr
+    answers = [line.split()[0:2] for line in run.stdout.splitlines() if line.strip().startswith(("full [", "hae  ["))]
+    assert len(answers) == 6
+    assert all(verdict in ("[correct]", "[WRONG]") for _, verdict in answers)
+    assert "less than full's" in run.stdout
+    assert (tmp_path / "scene.png").stat().st_size > 0 and (tmp_path / "kept_patches.png").stat().st_size > 0
