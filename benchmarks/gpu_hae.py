@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from speed import llava_shaped
+from transformers import LlavaForConditionalGeneration
 
 import hae_fx
 from hae_fx.models.llava import llava_prompt, tiny_llava, visual_token_count
@@ -27,29 +28,9 @@ REPEATS = 3
 DEVICE = "cuda"
 
 
-def llava7b_shaped(seed: int = 0) -> LlavaForConditionalGeneration:
-    """LLaVA-1.5-7B's shapes (ViT-L/14 at 336 px: 576 visual tokens; Llama-2-7B: 32 layers, 32 heads, 4096
-    hidden), random bf16 weights, built directly on the GPU."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEVICE):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+def llava7b_shaped() -> LlavaForConditionalGeneration:
+    """LLaVA-1.5-7B's shapes with random bf16 weights, built on `DEVICE` (`benchmarks/speed.py` documents them)."""
+    return llava_shaped(DEVICE, tiny=False)
 
 
 MODELS = {
