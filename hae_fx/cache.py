@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
-from hae_fx.layer_kinds import FULL, LayerKind
+from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.policies import policy_for
 from hae_fx.ring import ring_decode_slot, ring_prefill
@@ -326,7 +326,10 @@ class HAECache(Cache):
         plan pass wires in those layers' attention queries and scales and moves the node after the last of them."""
         keys = [self._plan_keys[layer] for layer in self.plan_layers]
         self._plan_keys = {}
+        kinds = [self.layers[layer].kind for layer in self.plan_layers]
         torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+                                    windows=[kind.span if kind.kind == SLIDING else 0 for kind in kinds],
+                                    chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(), kept_len=self.prefill_kept_len,
                                     config=self.config_key)

@@ -169,10 +169,11 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
         hae_fx.inspect(family.build())
 
 
-@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1)])
+@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0)])
 def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
-    window: kept sets, bins, tokens and logits equal the eager oracle's at every step."""
+    window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer`
+    (gemma3-text's 0) prunes by its own windowed prefill attention."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 
