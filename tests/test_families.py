@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import hae_fx
 from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
@@ -169,11 +169,12 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
         hae_fx.inspect(family.build())
 
 
-@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0)])
-def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
+@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0),
+                                             ("aya-vision", 3), ("llava-onevision", 1), ("janus", 1)])
+def test_hae_matches_the_oracle(name, dap_layer):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
     window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer`
-    (gemma3-text's 0) prunes by its own windowed prefill attention."""
+    (gemma3-text's 0) prunes by its own windowed prefill attention; on the VLMs DAP prunes the image."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 
@@ -186,15 +187,15 @@ def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
     model = _transformed(family, config, reference)
     steps = []
 
-    class Record(LogitsProcessor):
-        def __call__(self, input_ids, scores):
+    class Record(StoppingCriteria):  # a stopping criterion sees each step's cache; Janus drops logits processors
+        def __call__(self, input_ids, scores, **kwargs):
             steps.append((kept_positions(cache)[0], binned_positions(cache)[0]))
-            return scores
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     cache = hae_fx.HAECache.for_model(model, config, batch=1)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=40, do_sample=False,
                          return_dict_in_generate=True, output_logits=True,
-                         logits_processor=LogitsProcessorList([Record()]))
+                         stopping_criteria=StoppingCriteriaList([Record()]))
     oracle = run_hae_oracle(reference, inputs, new_tokens=40, r=0.0015, alpha=0.0005, **fields)
     assert [kept for kept, _ in steps] == oracle.kept
     assert [binned for _, binned in steps] == oracle.binned
