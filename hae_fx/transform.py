@@ -33,6 +33,7 @@ from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, decoder_layers, family_of
+from hae_fx.models.family import tower_not_traceable
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
@@ -82,6 +83,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         return functools.partial(hae_backend, mode=mode, options=options, on_rewrite=graphs[phase].append)
 
     language_model = family.language_model(model)
+    towers = family.towers_inside(language_model)
 
     eager_language_forward = language_model.forward
     eager_forward = model.forward
@@ -102,7 +104,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped():
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped(), \
+                    _towers_refused(language_model, towers):
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -164,6 +167,17 @@ def _hae_errors_unwrapped() -> Iterator[None]:
         traced = _traced_hae_error(error)
         if traced is not None:
             raise traced from None
+        raise
+
+
+@contextlib.contextmanager
+def _towers_refused(language_model: torch.nn.Module, towers: list[str]) -> Iterator[None]:
+    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name."""
+    try:
+        yield
+    except torch._dynamo.exc.Unsupported as error:
+        if towers and _traced_hae_error(error) is None:
+            raise tower_not_traceable(language_model, towers, error) from error
         raise
 
 

@@ -217,3 +217,20 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 BY_NAME = {family.name: family for family in FAMILIES}
+
+
+def phi4_multimodal() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Phi-4-multimodal, whose text decoder runs its vision and audio towers itself (refused with images), and a
+    prompt with one 16x16 image (13 placeholder tokens: 2x2 features per crop, row ends, the separator)."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4, crop_size=16, image_token_id=IMAGE, feature_layer=-1)
+    audio = dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=32, audio_token_id=IMAGE + 3)
+    config = AutoConfig.for_model("phi4_multimodal", **_TEXT, vision_config=vision, audio_config=audio)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    inputs = {"input_ids": torch.tensor([[1, 5, 6, 7, *[IMAGE] * 13, 8, 9, 10]]),
+              "image_pixel_values": torch.randn(1, 2, 3, 16, 16), "image_sizes": torch.tensor([[16, 16]]),
+              "image_attention_mask": torch.ones(1, 2, 4, 4, dtype=torch.long)}
+    return model, inputs

@@ -11,7 +11,7 @@ import hae_fx
 from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
 from hae_fx.cache import kept_positions
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind, layer_kinds
-from tests.families import BY_NAME, FAMILIES, WINDOW
+from tests.families import BY_NAME, FAMILIES, WINDOW, phi4_multimodal
 from tests.oracle import run_oracle, streaming_keep
 
 EAGER = {"hae.compiler": "eager"}
@@ -141,6 +141,20 @@ def test_alibi_is_refused():
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(HAEUnsupportedModelError, match="ALiBi"):
         hae_fx.transform(model, HAEConfig())
+
+
+def test_a_vision_tower_inside_the_text_decoder_is_refused_with_images():
+    """Phi-4-multimodal's text decoder embeds the image itself, with data-dependent code Dynamo cannot trace into the
+    prefill graph: refused, naming the towers found in the decoder; text prompts still reproduce HF."""
+    model, inputs = phi4_multimodal()
+    text = {"input_ids": torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12]])}
+    expected = model.generate(**text, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    hae_fx.transform(model, HAEConfig(policy="full", capacity=32), options=EAGER)
+    assert model.generate(**text, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+    with pytest.raises(HAEUnsupportedModelError, match=r"Phi4MultimodalModel, the text decoder hae_fx compiles, runs "
+                       r"embed_tokens_extend\.image_embed\.img_processor \(Phi4MultimodalVisionModel\), .* inside its "
+                       r"own forward, and Dynamo cannot trace .*: Data-dependent branching"):
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
 
 
 def test_layer_kinds_from_configs():
