@@ -32,6 +32,7 @@ from hae_fx.modality import TEXT, VISUAL
 from hae_fx.policies import policy_for
 from hae_fx.ring import ring_decode_slot, ring_prefill
 from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
+from hae_fx.validation import check_device_holds
 
 __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
 
@@ -117,6 +118,11 @@ class HAECache(Cache):
         self.policy = policy_for(config)
         self.batch = batch
         device = torch.device(device)
+        planned = sum(batch * layer.slots * (2 * kv_heads * head_dim * dtype.itemsize
+                                             + (torch.int64.itemsize if layer.kind.windowed else 0))
+                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch)
+        check_device_holds(planned, device, f"an HAECache of capacity={self.capacity}, batch={batch}, "
+                                            f"{num_layers} layers of {kv_heads} KV heads x {head_dim} ({dtype})")
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
         self.slots = SlotBuffers(config, self.policy, batch, device)
@@ -282,10 +288,10 @@ class HAECache(Cache):
                 key_states.shape[3] != allocated.shape[3]:
             raise HAEUnsupportedModelError(
                 f"decoder layer {layer_idx} caches keys of shape {tuple(key_states.shape)} ([batch, kv_heads, tokens, "
-                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]} "
-                "from the model's config; the config names its attention geometry in a way hae_fx does not read "
-                "(ModelFamily.kv_geometry): build the cache with HAECache(..., kv_heads=, head_dim=) or add a family "
-                "entry in hae_fx.models"
+                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]}; "
+                "build the cache with HAECache(..., kv_heads=, head_dim=) matching those keys. If "
+                "HAECache.for_model built it, the model's config names its attention geometry in a way hae_fx does "
+                "not read (ModelFamily.kv_geometry): add a family entry in hae_fx.models"
             )
 
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):

@@ -32,11 +32,13 @@ from hae_fx.backend import GraphRecord, hae_backend
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
+from hae_fx.installation import Installation, install_deepcopy, installation_of
 from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.models.family import tower_not_traceable
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
+from hae_fx.validation import check_cache_fits_model, check_full_fits, check_generate_request
 
 #: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
 PREFILL_SHAPES_PER_MODEL = 64
@@ -73,6 +75,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     policy = policy_for(config)  # raises HAEConfigError for anything but a registered policy's config
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
+    previous = installation_of(model)
+    if previous is not None:  # transformed before, then hae_config cleared: transform the plain model again
+        previous.remove()
     family = family_of(model)
     family.check_supported(model)
     family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
@@ -126,8 +131,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 
     @functools.wraps(eager_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        prompt = _prompt_tensor(args, kwargs)
-        batch, prompt_len = prompt.shape[:2]
+        request = check_generate_request(model, _prompt_tensor(args, kwargs), kwargs)
+        batch = request.batch
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = HAECache.for_model(model, config, batch)
@@ -138,18 +143,23 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             )
         elif cache.batch != batch:
             raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
-        _check_fits(cache, model, prompt_len, kwargs)
+        else:
+            check_cache_fits_model(cache, model, family, policy)
+        check_full_fits(cache, request)
         kwargs["past_key_values"] = cache
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         return eager_generate(*args, **kwargs)
 
+    installation = Installation()
     if policy.pruned_after() is not None:
-        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), policy.pruned_after())
-    language_model.forward = language_forward
-    model.forward = forward
-    model.generate = generate
-    model.hae_config = config
-    model.hae_graphs = graphs
+        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), policy.pruned_after(),
+                               installation.set)
+    installation.set(language_model, "forward", language_forward)
+    installation.set(model, "forward", forward)
+    installation.set(model, "generate", generate)
+    installation.set(model, "hae_config", config)
+    installation.set(model, "hae_graphs", graphs)
+    install_deepcopy(installation, model, lambda clone: transform(clone, config, mode=mode, options=options))
     return model
 
 
@@ -246,22 +256,3 @@ def _prompt_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     raise HAEConfigError("hae_fx needs the prompt as input_ids (or inputs_embeds) to size the HAECache")
-
-
-def _check_fits(cache: HAECache, model: torch.nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> None:
-    if cache.policy.evicts:
-        return
-    max_new = kwargs.get("max_new_tokens")
-    if max_new is None:
-        generation_config = kwargs.get("generation_config") or model.generation_config
-        max_new = generation_config.max_new_tokens
-        if max_new is None:
-            max_new = max(generation_config.max_length - prompt_len, 0)
-    if prompt_len + max_new > cache.capacity:
-        raise HAECapacityError(
-            f"policy 'full' keeps every token but capacity={cache.capacity} < prompt ({prompt_len}) + "
-            f"max_new_tokens ({max_new}) = {prompt_len + max_new}; raise HAEConfig.capacity or choose an evicting "
-            "policy such as 'streaming'"
-        )
-
-

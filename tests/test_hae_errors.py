@@ -85,7 +85,9 @@ def test_budget_below_sinks_window_and_one_is_refused_and_the_suggested_capacity
     ("prune_hidden", "yes", r"HAEConfig.prune_hidden must be True or False, got 'yes'"),
     ("prune_hidden", 1, r"HAEConfig.prune_hidden must be True or False, got 1"),
     ("dap_layer", -1, r"HAEConfig.dap_layer must be >= 0, got -1"),
-    ("visual_first", -0.5, r"HAEConfig.visual_first must be a number >= 0, got -0.5"),
+    ("visual_first", -0.5, r"HAEConfig.visual_first must be a finite number >= 0, got -0.5"),
+    ("visual_first", float("nan"), r"HAEConfig.visual_first must be a finite number >= 0, got nan"),
+    ("visual_first", float("inf"), r"HAEConfig.visual_first must be a finite number >= 0, got inf"),
     ("bin_size", 0, r"HAEConfig.bin_size must be >= 1, got 0"),
 ])
 def test_other_hae_fields_are_checked(field, value, message):
