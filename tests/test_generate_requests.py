@@ -201,3 +201,15 @@ def test_a_backend_refusal_under_the_callers_own_compile_is_the_hae_error(fullgr
     compiled = torch.compile(model, backend="hae", options=EAGER, fullgraph=fullgraph)
     with pytest.raises(HAESiteError, match=r"the prefill plan reads layer 1's attention, but 0 attention\(s\)"):
         compiled(input_ids=prompt, past_key_values=cache)
+
+
+def test_a_traced_refusal_under_the_callers_own_compile_is_the_hae_error():
+    """An HAEError raised while Dynamo traces the cache (here: keys of another shape than the cache's) under the
+    caller's own `torch.compile(backend="hae")`: Dynamo breaks the graph there and the error is raised as itself."""
+    model = LLAMA.build()
+    cache = _cache(kv_heads=1)
+    prompt = _prompt()
+    cache.begin_prefill(torch.arange(prompt.shape[1]).unsqueeze(0))
+    compiled = torch.compile(model, backend="hae", options=EAGER)
+    with pytest.raises(HAEUnsupportedModelError, match=r"sized for 1 KV heads of dim 16"):
+        compiled(input_ids=prompt, past_key_values=cache)
