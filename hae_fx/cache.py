@@ -334,6 +334,7 @@ class HAECache(Cache):
         self._plan_keys = {}
         kinds = [self.layers[layer].kind for layer in self.plan_layers]
         torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+                                    masks=[None] * len(keys),
                                     windows=[kind.span if kind.kind == SLIDING else 0 for kind in kinds],
                                     chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,

@@ -256,8 +256,10 @@ def _decode_forward(model, token: int, position: int, kept: list[int], cache: Dy
         recent = list(range(max(position - window + 1, 0), position + 1))
         mask = {"full_attention": mask, "sliding_attention": decode_mask(recent, position, model.dtype)}
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask,
-                    position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
+        # no position_ids: the cache holds every earlier token, so the model numbers this one itself, with its own
+        # convention (PaliGemma's positions start at 1)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask, use_cache=True,
+                    output_attentions=True)
     rows = [_mean_heads(weights)[-1] for weights in out.attentions]
     return out.logits[0, -1], rows
 

@@ -183,19 +183,14 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
         hae_fx.inspect(family.build())
 
 
-#: a known defect: DAP scores with causal attention, but PaliGemma's prefix-LM layer attends bidirectionally over the
-#: prefix (image and prompt), so its text queries' attention differs; the plan op needs the layer's own mask
-PREFIX_LM_DAP = pytest.param("paligemma-prefix-lm", 1, marks=pytest.mark.xfail(
-    strict=True, reason="DAP reads causal attention where the prefix-LM layer attends bidirectionally"))
-
-
 @pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0),
                                              ("aya-vision", 3), ("llava-onevision", 1), ("janus", 1),
-                                             ("gemma3-vlm", 5), PREFIX_LM_DAP])
+                                             ("gemma3-vlm", 5), ("paligemma-prefix-lm", 1)])
 def test_hae_matches_the_oracle(name, dap_layer):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
     window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer`
-    (gemma3-text's 0) prunes by its own windowed prefill attention; on the VLMs DAP prunes the image."""
+    (gemma3-text's 0) prunes by its own windowed prefill attention; on the VLMs DAP prunes the image, reading the
+    layer's own mask (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix)."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 

@@ -90,7 +90,8 @@ def _run(policy_name, scenario):
     layers = policy.prefill_layers([0, 1])
     queries = [torch.randn(batch, HEADS, width, HEAD_DIM, generator=generator) for _ in layers]
     keys = [torch.randn(batch, HEADS, width, HEAD_DIM, generator=generator) for _ in layers]
-    plan_prefill(queries, keys, [HEAD_DIM ** -0.5] * len(layers), [0] * len(layers), [0] * len(layers), token_pos,
+    plan_prefill(queries, keys, [HEAD_DIM ** -0.5] * len(layers), [0] * len(layers), [0] * len(layers),
+                 [None] * len(layers), token_pos,
                  modality, **slots.plan_arguments(), kept_len=kept_len, config=config.key())
     _check(policy, slots, list(lengths), config.sinks, config.window, "prefill")
 
