@@ -25,6 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
 from hae_fx.cache import CacheRole
+from hae_fx.errors import HAEError
 from hae_fx.passes import (
     PlanPlacement,
     RewriteReport,
@@ -115,7 +116,10 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
     if compiler not in COMPILERS:
         raise ValueError(f"options[{COMPILER_OPTION!r}] must be one of {COMPILERS}, got {compiler!r}")
 
-    record = rewrite_graph(gm, example_inputs)
+    try:
+        record = rewrite_graph(gm, example_inputs)
+    except HAEError as error:
+        return _raises(error)
     if on_rewrite is not None:
         on_rewrite(record)
     if compiler == "eager":
@@ -126,6 +130,19 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
     patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
     patches.update(inductor_options)
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _raises(error: HAEError) -> Callable[..., Any]:
+    """A compiled function that raises `error` when run.
+
+    Dynamo wraps anything a backend raises in `BackendCompilerFailed`, whoever compiled (`hae_fx.transform` or the
+    caller's own `torch.compile(backend="hae")`); raised from the compiled function instead, before the graph runs,
+    the `HAEError` reaches the caller as itself."""
+
+    def refuse(*args: Any) -> Any:
+        raise error
+
+    return refuse
 
 
 class _SourceKey(CustomGraphPass):

@@ -27,11 +27,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
-from hae_fx.layer_kinds import FULL, LayerKind
+from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.policies import policy_for
 from hae_fx.ring import ring_decode_slot, ring_prefill
 from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
+from hae_fx.validation import check_device_holds
 
 __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
 
@@ -117,6 +118,11 @@ class HAECache(Cache):
         self.policy = policy_for(config)
         self.batch = batch
         device = torch.device(device)
+        planned = sum(batch * layer.slots * (2 * kv_heads * head_dim * dtype.itemsize
+                                             + (torch.int64.itemsize if layer.kind.windowed else 0))
+                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch)
+        check_device_holds(planned, device, f"an HAECache of capacity={self.capacity}, batch={batch}, "
+                                            f"{num_layers} layers of {kv_heads} KV heads x {head_dim} ({dtype})")
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
         self.slots = SlotBuffers(config, self.policy, batch, device)
@@ -282,10 +288,10 @@ class HAECache(Cache):
                 key_states.shape[3] != allocated.shape[3]:
             raise HAEUnsupportedModelError(
                 f"decoder layer {layer_idx} caches keys of shape {tuple(key_states.shape)} ([batch, kv_heads, tokens, "
-                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]} "
-                "from the model's config; the config names its attention geometry in a way hae_fx does not read "
-                "(ModelFamily.kv_geometry): build the cache with HAECache(..., kv_heads=, head_dim=) or add a family "
-                "entry in hae_fx.models"
+                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]}; "
+                "build the cache with HAECache(..., kv_heads=, head_dim=) matching those keys. If "
+                "HAECache.for_model built it, the model's config names its attention geometry in a way hae_fx does "
+                "not read (ModelFamily.kv_geometry): add a family entry in hae_fx.models"
             )
 
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -326,7 +332,11 @@ class HAECache(Cache):
         plan pass wires in those layers' attention queries and scales and moves the node after the last of them."""
         keys = [self._plan_keys[layer] for layer in self.plan_layers]
         self._plan_keys = {}
+        kinds = [self.layers[layer].kind for layer in self.plan_layers]
         torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+                                    masks=[None] * len(keys),
+                                    windows=[kind.span if kind.kind == SLIDING else 0 for kind in kinds],
+                                    chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(), kept_len=self.prefill_kept_len,
                                     config=self.config_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,8 +83,8 @@ def require_fraction(config: PolicyConfig, name: str, *, below_one: bool = False
 
 def require_non_negative(config: PolicyConfig, name: str) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise HAEConfigError(f"{_field(config, name)} must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise HAEConfigError(f"{_field(config, name)} must be a finite number >= 0, got {value!r}")
 
 
 def require_bool(config: PolicyConfig, name: str) -> None:

@@ -27,11 +27,13 @@ from hae_fx.cache import HAECache
 from hae_fx.layer_kinds import CHUNKED, SLIDING, LayerKind
 
 
-def install_hidden_pruning(layers: list[torch.nn.Module], after: int) -> None:
-    """Wrap the forward of `layers[after + 1:]` (the decoder layers, in order) on their instances."""
+def install_hidden_pruning(layers: list[torch.nn.Module], after: int,
+                           set_attribute: Callable[[object, str, object], None] = setattr) -> None:
+    """Wrap the forward of `layers[after + 1:]` (the decoder layers, in order) on their instances, through
+    `set_attribute` (`transform` records what it installs)."""
     for index in range(after + 1, len(layers)):
         layer = layers[index]
-        layer.forward = _pruning_forward(layer.forward, index, first=index == after + 1)
+        set_attribute(layer, "forward", _pruning_forward(layer.forward, index, first=index == after + 1))
 
 
 def _pruning_forward(forward: Callable[..., Any], layer_index: int, *, first: bool) -> Callable[..., Any]:

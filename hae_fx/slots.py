@@ -75,6 +75,14 @@ class SlotBuffers:
             for name, dtype in policy.extra_buffers().items()
         }
 
+    @staticmethod
+    def planned_nbytes(config: PolicyConfig, policy: Policy, batch: int) -> int:
+        """Bytes the buffers of `SlotBuffers(config, policy, batch, ...)` take, known before allocating them."""
+        per_slot = [dtype for name, (dtype, _) in CORE_BUFFERS.items() if name not in PER_SEQUENCE]
+        per_slot += list(policy.extra_buffers().values())
+        per_sequence = [CORE_BUFFERS[name][0] for name in PER_SEQUENCE]
+        return batch * (config.capacity * sum(d.itemsize for d in per_slot) + sum(d.itemsize for d in per_sequence))
+
     @property
     def slot_pos(self) -> torch.Tensor:
         return self.core["slot_pos"]

@@ -34,10 +34,13 @@ from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.decode_loop import hae_sample
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
+from hae_fx.installation import Installation, install_deepcopy, installation_of
 from hae_fx.models import ModelFamily, decoder_layers, family_of
+from hae_fx.models.family import tower_not_traceable
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.pruning import install_hidden_pruning
+from hae_fx.validation import check_cache_fits_model, check_full_fits, check_generate_request
 
 #: `transform(decode_loop=...)`: hae_fx's loop for greedy and multinomial decoding, or HF's for everything
 DECODE_LOOPS = ("hae", "hf")
@@ -81,6 +84,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     policy = policy_for(config)  # raises HAEConfigError for anything but a registered policy's config
     if getattr(model, "hae_config", None) is not None:
         raise HAEError("this model is already transformed by hae_fx; transform a fresh model instead")
+    previous = installation_of(model)
+    if previous is not None:  # transformed before, then hae_config cleared: transform the plain model again
+        previous.remove()
     family = family_of(model)
     family.check_supported(model)
     family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
@@ -91,6 +97,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         return functools.partial(hae_backend, mode=mode, options=options, on_rewrite=graphs[phase].append)
 
     language_model = family.language_model(model)
+    towers = family.towers_inside(language_model)
 
     eager_language_forward = language_model.forward
     eager_forward = model.forward
@@ -111,7 +118,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped():
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped(), \
+                    _towers_refused(language_model, towers):
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -145,8 +153,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 
     @functools.wraps(eager_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        prompt = _prompt_tensor(args, kwargs)
-        batch, prompt_len = prompt.shape[:2]
+        request = check_generate_request(model, _prompt_tensor(args, kwargs), kwargs)
+        batch = request.batch
         cache = kwargs.get("past_key_values")
         if cache is None:
             cache = reusable_cache(batch)
@@ -157,7 +165,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             )
         elif cache.batch != batch:
             raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
-        _check_fits(cache, model, prompt_len, kwargs)
+        else:
+            check_cache_fits_model(cache, model, family, policy)
+        check_full_fits(cache, request)
         kwargs["past_key_values"] = cache
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         if decode_loop == "hae" and _samples_one_beam(model, kwargs):
@@ -165,13 +175,17 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             kwargs["custom_generate"] = functools.partial(hae_sample, streamer=kwargs.get("streamer"))
         return eager_generate(*args, **kwargs)
 
+    installation = Installation()
     if policy.pruned_after() is not None:
-        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), policy.pruned_after())
-    language_model.forward = language_forward
-    model.forward = forward
-    model.generate = generate
-    model.hae_config = config
-    model.hae_graphs = graphs
+        install_hidden_pruning(list(decoder_layers(language_model, family.num_layers(model))), policy.pruned_after(),
+                               installation.set)
+    installation.set(language_model, "forward", language_forward)
+    installation.set(model, "forward", forward)
+    installation.set(model, "generate", generate)
+    installation.set(model, "hae_config", config)
+    installation.set(model, "hae_graphs", graphs)
+    install_deepcopy(installation, model, lambda clone: transform(clone, config, mode=mode, options=options,
+                                                                        decode_loop=decode_loop))
     return model
 
 
@@ -189,6 +203,17 @@ def _hae_errors_unwrapped() -> Iterator[None]:
         traced = _traced_hae_error(error)
         if traced is not None:
             raise traced from None
+        raise
+
+
+@contextlib.contextmanager
+def _towers_refused(language_model: torch.nn.Module, towers: list[str]) -> Iterator[None]:
+    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name."""
+    try:
+        yield
+    except torch._dynamo.exc.Unsupported as error:
+        if towers and _traced_hae_error(error) is None:
+            raise tower_not_traceable(language_model, towers, error) from error
         raise
 
 
@@ -270,22 +295,5 @@ def _samples_one_beam(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
     other_loop = any(kwargs.get(name) for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate",
                                                     "synced_gpus"))
     return setting("num_beams") in (None, 1) and not other_loop and setting("prompt_lookup_num_tokens") is None
-
-
-def _check_fits(cache: HAECache, model: torch.nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> None:
-    if cache.policy.evicts:
-        return
-    max_new = kwargs.get("max_new_tokens")
-    if max_new is None:
-        generation_config = kwargs.get("generation_config") or model.generation_config
-        max_new = generation_config.max_new_tokens
-        if max_new is None:
-            max_new = max(generation_config.max_length - prompt_len, 0)
-    if prompt_len + max_new > cache.capacity:
-        raise HAECapacityError(
-            f"policy 'full' keeps every token but capacity={cache.capacity} < prompt ({prompt_len}) + "
-            f"max_new_tokens ({max_new}) = {prompt_len + max_new}; raise HAEConfig.capacity or choose an evicting "
-            "policy such as 'streaming'"
-        )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 from hae_fx.errors import HAEUnsupportedModelError
 from hae_fx.layer_kinds import LayerKind, layer_kinds
@@ -103,12 +104,37 @@ class ModelFamily:
                 "learned absolute positions"
             )
 
+    def towers_inside(self, language_model: torch.nn.Module) -> list[str]:
+        """Paths of the models nested in the text decoder (a vision or audio tower it runs in its own forward,
+        Phi-4-multimodal's image embedding), as `path (ClassName)`.
+
+        hae_fx compiles the text decoder as one prefill graph; a tower inside it is traced into that graph, and
+        towers branch on their data (crop counts, `nonzero` of the image tokens), which Dynamo cannot trace.
+        """
+        return [f"{name} ({type(module).__name__})" for name, module in language_model.named_modules()
+                if name and isinstance(module, PreTrainedModel) and module.config is not language_model.config]
+
     def layer_kinds(self, model: torch.nn.Module) -> list[LayerKind]:
         """Each decoder layer's attention kind (global, sliding window, chunked)."""
         return layer_kinds(self.text_config(model))
 
 
 GENERIC = ModelFamily(name="generic")
+
+
+def tower_not_traceable(language_model: torch.nn.Module, towers: list[str],
+                        error: torch._dynamo.exc.Unsupported) -> HAEUnsupportedModelError:
+    """The refusal of a prompt whose prefill Dynamo cannot trace because a tower inside the text decoder ran in it
+    (`ModelFamily.towers_inside`): names the towers, Dynamo's reason and where it stopped."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    frames = [line.strip() for line in str(error).splitlines() if line.strip().startswith("File ")]
+    where = f" ({frames[-1]})" if frames else ""
+    return HAEUnsupportedModelError(
+        f"{type(language_model).__name__}, the text decoder hae_fx compiles, runs {', '.join(towers)} inside its own "
+        f"forward, and Dynamo cannot trace that into one prefill graph: {reason}{where}. hae_fx supports models whose "
+        "vision tower runs outside the text decoder (LLaVA, Qwen-VL, Gemma 3 layouts); prompts without image or audio "
+        "inputs still run"
+    )
 
 
 def decoder_layers(decoder: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:

@@ -76,7 +76,8 @@ def place_prefill_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> P
 
     deferred = [node for write_layer, node in sorted(writes.items()) if write_layer <= last.layer]
     _check_no_early_readers(graph, plan, arguments, last, deferred)
-    arguments.update(queries=[site.query for site in sites], scales=[scale_of(site) for site in sites])
+    arguments.update(queries=[site.query for site in sites], scales=[scale_of(site) for site in sites],
+                     masks=[site.mask for site in sites])
     plan.args, plan.kwargs = (), arguments
     last.output.append(plan)
     anchor = plan

@@ -55,6 +55,8 @@ class AttentionSite:
         query: the query node (`[B, Hq, T, D]`).
         keys, values: the cache buffer placeholders (`[B, Hkv, C, D]`).
         scale: softmax scale; None means `1/sqrt(head_dim)`.
+        mask: the mask the attention applies (SDPA's `attn_mask`, boolean or additive; the eager form's added
+            mask), None when it has none (causal through `is_causal`, or no mask at all).
         owned: nodes only this site needs; the rewrite deletes those left without users.
     """
 
@@ -66,6 +68,7 @@ class AttentionSite:
     values: fx.Node
     scale: float | None
     owned: list[fx.Node] = field(default_factory=list)
+    mask: fx.Node | None = None
 
 
 def calls_op(node: fx.Node, packet: torch._ops.OpOverloadPacket) -> bool:
@@ -129,7 +132,8 @@ def _sdpa_site(node: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionSite 
     if keys is None or values is None:
         return None
     return AttentionSite(layer=roles[keys].layer, form="sdpa", output=node, query=args["query"], keys=keys,
-                         values=values, scale=args.get("scale"), owned=[node, *owned])
+                         values=values, scale=args.get("scale"), owned=[node, *owned],
+                         mask=args.get("attn_mask") if isinstance(args.get("attn_mask"), fx.Node) else None)
 
 
 def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionSite | None:
@@ -142,6 +146,7 @@ def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionS
     owned = [softmax]
     scale = 1.0
     softcapped = False
+    mask = None
     node = softmax.args[0]
     while isinstance(node, fx.Node) and not _is_call(node, _MATMULS, "matmul"):
         if _is_call(node, _TANHS, "tanh"):
@@ -149,6 +154,8 @@ def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionS
             node = node.args[0]
         elif _is_call(node, _ADDS, "add"):
             owned.append(node)
+            if isinstance(node.args[1], fx.Node):
+                mask = node.args[1]
             node = node.args[0]
         elif _is_call(node, _SCALES, "mul") and isinstance(node.args[1], (int, float)):
             scale *= float(node.args[1])
@@ -195,7 +202,7 @@ def _eager_site(softmax: fx.Node, roles: dict[fx.Node, CacheRole]) -> AttentionS
     if values is None:
         return None
     return AttentionSite(layer=roles[keys].layer, form="eager", output=output, query=query, keys=keys,
-                         values=values, scale=scale, owned=[output, *owned])
+                         values=values, scale=scale, owned=[output, *owned], mask=mask)
 
 
 def scale_of(site: AttentionSite) -> float:

@@ -149,6 +149,34 @@ def _mistral3_pixels(input_ids: torch.Tensor, generator: torch.Generator) -> dic
             "image_sizes": torch.tensor([[16, 16]] * batch)}
 
 
+def _llava_onevision() -> object:
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=8, patch_size=4)
+    return AutoConfig.for_model("llava_onevision", vision_config=vision, text_config=dict(_TEXT, model_type="qwen2"),
+                                image_token_index=IMAGE, vision_feature_layer=-1, image_grid_pinpoints=[[8, 8]])
+
+
+def _aya_vision() -> object:
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=4)
+    text = dict(_TEXT, model_type="cohere2", sliding_window=WINDOW)  # three sliding layers to one global
+    return AutoConfig.for_model("aya_vision", vision_config=vision, text_config=text, image_token_index=IMAGE,
+                                downsample_factor=2, vision_feature_layer=-1)
+
+
+def _janus() -> object:
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+                  projection_dim=64, depth=1, num_image_tokens=16, mlp_ratio=2.0)
+    vq = dict(embed_dim=8, num_embeddings=32, latent_channels=32, base_channels=32, channel_multiplier=[1, 1],
+              num_res_blocks=1, projection_dim=64, image_token_embed_dim=64, num_hidden_layers=1)
+    return AutoConfig.for_model("janus", vision_config=vision, vq_config=vq,
+                                text_config=dict(_TEXT, model_type="llama"), image_token_id=IMAGE)
+
+
+def _square_pixels(input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(input_ids.shape[0], 3, 16, 16, generator=generator)}
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("llama", _text("llama")),
     Family("mistral-window", _text("mistral", sliding_window=WINDOW), windowed=True),
@@ -183,6 +211,26 @@ FAMILIES: tuple[Family, ...] = (
     Family("paligemma-prefix-lm", _paligemma, image_tokens=16, extra_inputs=_gemma3_inputs),
     Family("llava-next", _llava_next, image_tokens=10, extra_inputs=_llava_next_pixels),
     Family("mistral3-pixtral", _mistral3, image_tokens=4, extra_inputs=_mistral3_pixels),
+    Family("llava-onevision", _llava_onevision, image_tokens=10, extra_inputs=_llava_next_pixels),
+    Family("aya-vision", _aya_vision, image_tokens=4, extra_inputs=_square_pixels, windowed=True),
+    Family("janus", _janus, image_tokens=16, extra_inputs=_square_pixels),
 )
 
 BY_NAME = {family.name: family for family in FAMILIES}
+
+
+def phi4_multimodal() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Phi-4-multimodal, whose text decoder runs its vision and audio towers itself (refused with images), and a
+    prompt with one 16x16 image (13 placeholder tokens: 2x2 features per crop, row ends, the separator)."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4, crop_size=16, image_token_id=IMAGE, feature_layer=-1)
+    audio = dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=32,
+                 depthwise_separable_out_channel=32, nemo_conv_channels=32, audio_token_id=IMAGE + 3)
+    config = AutoConfig.for_model("phi4_multimodal", **_TEXT, vision_config=vision, audio_config=audio)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    inputs = {"input_ids": torch.tensor([[1, 5, 6, 7, *[IMAGE] * 13, 8, 9, 10]]),
+              "image_pixel_values": torch.randn(1, 2, 3, 16, 16), "image_sizes": torch.tensor([[16, 16]]),
+              "image_attention_mask": torch.ones(1, 2, 4, 4, dtype=torch.long)}
+    return model, inputs

@@ -213,10 +213,11 @@ def decode_mask(kept: list[int], position: int, dtype: torch.dtype) -> torch.Ten
     return mask
 
 
-def _prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, cache: DynamicCache,
+def _prefill(model, input_ids: torch.Tensor, image_inputs: dict[str, torch.Tensor], cache: DynamicCache,
              decide: Callable[[torch.Tensor], DAPPlan], *, dap_layer: int, prune_hidden: bool,
              ) -> tuple[torch.Tensor, DAPPlan]:
-    """One forward of the prompt. Returns the last token's logits and the DAP plan taken at `dap_layer`."""
+    """One forward of the prompt (`image_inputs`: pixels and whatever else the family's vision tower reads). Returns
+    the last token's logits and the DAP plan taken at `dap_layer`."""
     layers = model.get_decoder().layers
     prompt_len = input_ids.shape[1]
     state: dict[str, object] = {}
@@ -237,7 +238,7 @@ def _prefill(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, 
                     for layer in layers[dap_layer + 1:]]
     try:
         with torch.no_grad():
-            out = model(input_ids=input_ids, pixel_values=pixel_values, past_key_values=cache, use_cache=True,
+            out = model(input_ids=input_ids, **image_inputs, past_key_values=cache, use_cache=True,
                         output_attentions=True)
     finally:
         for handle in handles:
@@ -255,8 +256,10 @@ def _decode_forward(model, token: int, position: int, kept: list[int], cache: Dy
         recent = list(range(max(position - window + 1, 0), position + 1))
         mask = {"full_attention": mask, "sliding_attention": decode_mask(recent, position, model.dtype)}
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask,
-                    position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
+        # no position_ids: the cache holds every earlier token, so the model numbers this one itself, with its own
+        # convention (PaliGemma's positions start at 1)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask, use_cache=True,
+                    output_attentions=True)
     rows = [_mean_heads(weights)[-1] for weights in out.attentions]
     return out.logits[0, -1], rows
 
@@ -313,7 +316,8 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
                         r=r, alpha=alpha, max_visual_keep=max_visual_keep)
 
     cache = DynamicCache()  # every layer keeps every key; the masks say which ones a step may see
-    first_logits, plan = _prefill(model, input_ids, inputs.get("pixel_values"), cache, decide,
+    image_inputs = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}
+    first_logits, plan = _prefill(model, input_ids, image_inputs, cache, decide,
                                   dap_layer=dap_layer, prune_hidden=prune_hidden)
     state = DDESState(budget=budget, bin_size=bin_size, sinks=sinks, window=window, visual_first=visual_first,
                       decay=decay, scores={j: plan.scores[j] for j in plan.kept}, active=set(plan.active),

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoConfig, AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import hae_fx
 from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
 from hae_fx.cache import kept_positions
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind, layer_kinds
-from tests.families import BY_NAME, FAMILIES, WINDOW
+from tests.families import BY_NAME, FAMILIES, WINDOW, phi4_multimodal
 from tests.oracle import run_oracle, streaming_keep
 
 EAGER = {"hae.compiler": "eager"}
@@ -143,6 +143,20 @@ def test_alibi_is_refused():
         hae_fx.transform(model, HAEConfig())
 
 
+def test_a_vision_tower_inside_the_text_decoder_is_refused_with_images():
+    """Phi-4-multimodal's text decoder embeds the image itself, with data-dependent code Dynamo cannot trace into the
+    prefill graph: refused, naming the towers found in the decoder; text prompts still reproduce HF."""
+    model, inputs = phi4_multimodal()
+    text = {"input_ids": torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12]])}
+    expected = model.generate(**text, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    hae_fx.transform(model, HAEConfig(policy="full", capacity=32), options=EAGER)
+    assert model.generate(**text, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
+    with pytest.raises(HAEUnsupportedModelError, match=r"Phi4MultimodalModel, the text decoder hae_fx compiles, runs "
+                       r"embed_tokens_extend\.image_embed\.img_processor \(Phi4MultimodalVisionModel\), .* inside its "
+                       r"own forward, and Dynamo cannot trace .*: Data-dependent branching"):
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+
 def test_layer_kinds_from_configs():
     base = dict(num_hidden_layers=3, sliding_window=8)
     assert layer_kinds(SimpleNamespace(**base)) == [LayerKind(SLIDING, 8)] * 3
@@ -169,10 +183,14 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
         hae_fx.inspect(family.build())
 
 
-@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1)])
-def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
+@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0),
+                                             ("aya-vision", 3), ("llava-onevision", 1), ("janus", 1),
+                                             ("gemma3-vlm", 5), ("paligemma-prefix-lm", 1)])
+def test_hae_matches_the_oracle(name, dap_layer):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
-    window: kept sets, bins, tokens and logits equal the eager oracle's at every step."""
+    window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer`
+    (gemma3-text's 0) prunes by its own windowed prefill attention; on the VLMs DAP prunes the image, reading the
+    layer's own mask (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix)."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 
@@ -185,15 +203,15 @@ def test_hae_on_windowed_models_matches_the_oracle(name, dap_layer):
     model = _transformed(family, config, reference)
     steps = []
 
-    class Record(LogitsProcessor):
-        def __call__(self, input_ids, scores):
+    class Record(StoppingCriteria):  # a stopping criterion sees each step's cache; Janus drops logits processors
+        def __call__(self, input_ids, scores, **kwargs):
             steps.append((kept_positions(cache)[0], binned_positions(cache)[0]))
-            return scores
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     cache = hae_fx.HAECache.for_model(model, config, batch=1)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=40, do_sample=False,
                          return_dict_in_generate=True, output_logits=True,
-                         logits_processor=LogitsProcessorList([Record()]))
+                         stopping_criteria=StoppingCriteriaList([Record()]))
     oracle = run_hae_oracle(reference, inputs, new_tokens=40, r=0.0015, alpha=0.0005, **fields)
     assert [kept for kept, _ in steps] == oracle.kept
     assert [binned for _, binned in steps] == oracle.binned

@@ -85,7 +85,9 @@ def test_budget_below_sinks_window_and_one_is_refused_and_the_suggested_capacity
     ("prune_hidden", "yes", r"HAEConfig.prune_hidden must be True or False, got 'yes'"),
     ("prune_hidden", 1, r"HAEConfig.prune_hidden must be True or False, got 1"),
     ("dap_layer", -1, r"HAEConfig.dap_layer must be >= 0, got -1"),
-    ("visual_first", -0.5, r"HAEConfig.visual_first must be a number >= 0, got -0.5"),
+    ("visual_first", -0.5, r"HAEConfig.visual_first must be a finite number >= 0, got -0.5"),
+    ("visual_first", float("nan"), r"HAEConfig.visual_first must be a finite number >= 0, got nan"),
+    ("visual_first", float("inf"), r"HAEConfig.visual_first must be a finite number >= 0, got inf"),
     ("bin_size", 0, r"HAEConfig.bin_size must be >= 1, got 0"),
 ])
 def test_other_hae_fields_are_checked(field, value, message):
@@ -106,7 +108,8 @@ def _prefill_plan_arguments(query):
     key = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
     config = HAEConfig(policy="hae", capacity=capacity, bin_size=2, sinks=1, window=1, r=0.0, alpha=0.0)
     return dict(
-        queries=[query], keys=[key], scales=[head_dim ** -0.5], token_pos=torch.arange(length).unsqueeze(0),
+        queries=[query], keys=[key], scales=[head_dim ** -0.5], windows=[0], chunks=[0], masks=[None],
+        token_pos=torch.arange(length).unsqueeze(0),
         token_modality=torch.tensor([[TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT]], dtype=torch.int8),
         slot_pos=torch.full((batch, capacity), -1, dtype=torch.int64), score=torch.zeros(batch, capacity),
         modality=torch.zeros(batch, capacity, dtype=torch.int8), seen=torch.zeros(batch, dtype=torch.int64),

@@ -82,3 +82,23 @@ def test_inductor_decomposes_both_ops_into_generated_code():
     torch.testing.assert_close(k_cache, expected_cache)
     expected_out, _ = attend_slots(q, k_cache, v_cache, slot_pos, 0.25)
     torch.testing.assert_close(out, expected_out)
+
+
+@pytest.mark.parametrize("window, chunk", [(0, 0), (3, 0), (0, 4)])
+def test_plan_attention_applies_the_layers_window_or_chunk(window, chunk):
+    """The prefill plan reads the attention its layer computes: per query, a softmax over the keys that layer lets
+    it see (left padding excluded, positions counted over real tokens)."""
+    from hae_fx.ops.prefill_plan import mean_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query, key = torch.randn(1, 4, 9, 8, generator=generator), torch.randn(1, 2, 9, 8, generator=generator)
+    token_pos = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5, 6]])
+    got = mean_attention(query, key, token_pos, 0.5, window, chunk)
+    for i in range(2, 9):
+        q_pos = i - 2
+        seen = [j for j in range(2, 9) if j - 2 <= q_pos and (not window or q_pos - (j - 2) < window)
+                and (not chunk or q_pos // chunk == (j - 2) // chunk)]
+        logits = torch.einsum("hd,hkd->hk", query[0, :, i], key[0].repeat_interleave(2, 0)[:, seen]) * 0.5
+        expected = torch.zeros(9)
+        expected[seen] = logits.softmax(-1).mean(0)
+        torch.testing.assert_close(got[0, i], expected)

@@ -19,13 +19,21 @@ from hae_fx.policies import policy_from_key
 from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
 
 
-def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float) -> torch.Tensor:
+def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int = 0,
+                   chunk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`[B, T, T]` softmax attention (query, key) averaged over query heads, causal over each sequence's real
     tokens, in float32 (policies compare shares of order 1e-3 against thresholds).
+
+    The layer's own mask applies when the plan pass found one (`mask`, boolean or additive, broadcastable to
+    `[B, Hq, T, T]`: HF's, with its windows, chunks, bidirectional image blocks and prefix-LM prefixes), over the
+    real keys. Without one the attention is causal within the layer's span: a sliding layer's query sees the last
+    `window` positions (itself included), a chunked layer's query the earlier positions of its chunk of `chunk`.
 
     Args:
         query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
         token_pos: `[B, T]` logical positions, -1 for padding.
+        window, chunk: the layer's sliding window or attention chunk in positions; 0 when it has none.
+        mask: the mask the layer's attention applied, or None.
     """
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -33,7 +41,21 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
     logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
     logits = logits.view(batch, q_heads, length, length)
     valid = token_pos >= 0
-    causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
+    lowest = torch.finfo(torch.float32).min
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, lowest)
+        else:
+            logits = logits + mask.to(torch.float32)
+        # padding keys out; clamped so that a query row with no key left (padding) stays finite
+        logits = logits.masked_fill(~valid.view(batch, 1, 1, length), lowest).clamp_min(lowest)
+        return torch.softmax(logits, dim=-1).mean(dim=1)
+    query_pos, key_pos = token_pos.unsqueeze(2), token_pos.unsqueeze(1)
+    causal = (key_pos <= query_pos) & valid.unsqueeze(1)
+    if window > 0:
+        causal = causal & (query_pos - key_pos < window)
+    if chunk > 0:
+        causal = causal & (query_pos.div(chunk, rounding_mode="floor") == key_pos.div(chunk, rounding_mode="floor"))
     logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
     return torch.softmax(logits, dim=-1).mean(dim=1)
 
@@ -41,25 +63,28 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
 @torch.library.custom_op("hae::prefill_plan_",
                          mutates_args=("slot_pos", "score", "modality", "seen", "prefill_keep", "extras"))
 def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], scales: list[float],
-                  token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
+                  windows: list[int], chunks: list[int], masks: list[torch.Tensor | None], token_pos: torch.Tensor,
+                  token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
                   modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
                   kept_len: int, config: str) -> None:
     """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
 
     `queries`/`keys`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`, keys
-    `[B, Hkv, T, D]` (after RoPE) and softmax scale. `config`: the policy config's key."""
-    plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
-                 extras, kept_len, config)
+    `[B, Hkv, T, D]` (after RoPE) and softmax scale; `windows`/`chunks`: that layer's sliding window or attention
+    chunk (0: none), and the mask its attention applied (None: causal), so the plan reads the attention the layer
+    computes. `config`: the policy config's key."""
+    plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
+                 seen, prefill_keep, extras, kept_len, config)
 
 
 @prefill_plan_.register_fake
-def _(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep, extras,
-      kept_len, config) -> None:
+def _(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality, seen,
+      prefill_keep, extras, kept_len, config) -> None:
     return None
 
 
-def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
-                 extras, kept_len, config) -> None:
+def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
+                 seen, prefill_keep, extras, kept_len, config) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
     The policy ranks the prompt tokens; the `kept_len` highest (equal priorities: the lower position first) go to
@@ -77,7 +102,9 @@ def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, sco
     state = SlotState(slot_pos=slot_pos, score=score, modality=modality, seen=seen,
                       extras=dict(zip(extra_names, extras, strict=True)))
     prompt = Prompt(token_pos=token_pos, modality=token_modality)
-    attention = [mean_attention(q, k, token_pos, scale) for q, k, scale in zip(queries, keys, scales, strict=True)]
+    attention = [mean_attention(q, k, token_pos, scale, window, chunk, mask)
+                 for q, k, scale, window, chunk, mask
+                 in zip(queries, keys, scales, windows, chunks, masks, strict=True)]
     priority, token_score = policy.prefill_priority(prompt, attention)
 
     # highest first, ties to the lower index (so the lower position): a stable sort, where topk's order is unspecified
