@@ -7,8 +7,13 @@ What it installs, on the model instance only (its class and weights are untouche
   new tokens), and calls HF's `generate` with HF's own compile turned off (hae_fx compiles).
 - `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
-  compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
-- the language model's `forward`: compiled prefill while the cache is empty.
+  compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step. A later call with
+  several tokens (a follow-up turn, `hae_fx.turns`) feeds them through that decode step one by one.
+- the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
+  dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
+
+Each compile is logged at INFO on the `hae_fx` logger when it starts and when it ends (CPU compiles take tens of
+seconds).
 - for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
   of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
 
@@ -21,7 +26,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import logging
 import re
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,9 +42,14 @@ from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
+from hae_fx.prompt_shapes import mark_prompt_dynamic
 from hae_fx.pruning import install_hidden_pruning
+from hae_fx.turns import feed_turn
 
-#: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
+log = logging.getLogger("hae_fx")
+
+#: prefill graphs one transformed model may compile: one per batch size and per shape the graph specialises on (a
+#: one-token prompt); every prompt length of a batch size shares one graph
 PREFILL_SHAPES_PER_MODEL = 64
 
 
@@ -79,7 +91,15 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
     def backend_for(phase: str) -> Any:
-        return functools.partial(hae_backend, mode=mode, options=options, on_rewrite=graphs[phase].append)
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            log.info("hae: compiling the %s graph (%s, compiler %s)...", phase, _shapes_note(phase),
+                     (options or {}).get("hae.compiler", "inductor"))
+            start = time.perf_counter()
+            compiled = hae_backend(gm, example_inputs, mode=mode, options=options, on_rewrite=graphs[phase].append)
+            log.info("hae: %s graph compiled in %.1f s", phase, time.perf_counter() - start)
+            return compiled
+
+        return compile_graph
 
     language_model = family.language_model(model)
 
@@ -93,8 +113,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def hae_decode_step(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
 
+    # dynamic=None: the dimensions `mark_prompt_dynamic` marks are symbolic, every other one static
     compiled_prefill = torch.compile(_own_code(hae_prefill), backend=backend_for("prefill"), fullgraph=True,
-                                     dynamic=False)
+                                     dynamic=None)
     compiled_decode = torch.compile(_own_code(hae_decode_step), backend=backend_for("decode"), fullgraph=True,
                                     dynamic=False)
 
@@ -102,7 +123,11 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped():
+            mark_prompt_dynamic(args, kwargs, cache)
+            # automatic dynamic off: Dynamo keys what it learned about a frame by its file, line and name, which every
+            # transformed model's prefill shares; only the dimensions marked here are dynamic
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL, automatic_dynamic_shapes=False), \
+                    _hae_errors_unwrapped():
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -112,8 +137,10 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if not isinstance(cache, HAECache):
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
-            cache.begin_decode_step()
             with _hae_errors_unwrapped():
+                if _prompt_tensor(args, kwargs).shape[1] > 1:
+                    return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
+                cache.begin_decode_step()
                 return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
         cache.begin_prefill(token_pos, modality)
@@ -148,6 +175,12 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     model.hae_config = config
     model.hae_graphs = graphs
     return model
+
+
+def _shapes_note(phase: str) -> str:
+    if phase == "prefill":
+        return "once for every prompt length"
+    return "once, replayed every step"
 
 
 @contextlib.contextmanager
