@@ -9,8 +9,8 @@ For each model (the tiny LLaVA, SynthVLM) it measures, on the Inductor path:
 - `bucket`: the new-length prompt left-padded to the next multiple of `--bucket` tokens, on a graph compiled for
   that bucket (the alternative design: one compile per bucket, padding computed at every prompt).
 
-TTFT is `generate(max_new_tokens=1)` (prompt forward, no decode step), the median of `--repeats` runs after one
-untimed run. Run: `OMP_NUM_THREADS=1 python benchmarks/prompt_lengths.py` (about 8 minutes on 2 CPU cores).
+TTFT is `generate(max_new_tokens=1)` (prompt forward, no decode step), the median of `--repeats` runs, the three
+variants taken in turn. Run: `OMP_NUM_THREADS=1 python benchmarks/prompt_lengths.py` (about 8 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -55,20 +55,19 @@ def left_pad(inputs: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[
     return {**inputs, "input_ids": padded, "attention_mask": mask}
 
 
-def ttft(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> float:
-    model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def first_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+def timed(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     start = time.perf_counter()
     model.generate(**inputs, max_new_tokens=1, do_sample=False)
     return time.perf_counter() - start
+
+
+def interleaved_ttft(runs: dict[str, tuple[torch.nn.Module, dict]], repeats: int) -> dict[str, float]:
+    """Median TTFT of each `(model, inputs)`, the runs taken in turn so that load on a shared machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, inputs) in runs.items():
+            times[name].append(timed(model, inputs))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure(name: str, build: Callable[[int], tuple[torch.nn.Module, dict]], warm: int, new: int, bucket: int,
@@ -76,43 +75,41 @@ def measure(name: str, build: Callable[[int], tuple[torch.nn.Module, dict]], war
     config = hae_fx.HAEConfig(policy="streaming", capacity=capacity, sinks=4, window=8)
     bucket_len = -(-new // bucket) * bucket
     _, new_inputs = build(new)
+    padded = left_pad(new_inputs, bucket_len, pad_id=0)
 
     # `hae_fx.transform` is the function; its module is where the prefill looks the marking up
     transform_module = importlib.import_module("hae_fx.transform")
     with mock.patch.object(transform_module, "mark_prompt_dynamic", lambda *args: None):
-        model, _ = build(new)
-        hae_fx.transform(model, config)
-        exact_compile = first_call(model, new_inputs)
-        exact_ttft = ttft(model, new_inputs, repeats)
+        exact, _ = build(new)
+        hae_fx.transform(exact, config)
+        exact_compile = timed(exact, new_inputs)
+        bucketed, _ = build(new)
+        hae_fx.transform(bucketed, config)
+        bucket_compile = timed(bucketed, padded)
 
-        model, _ = build(new)
-        hae_fx.transform(model, config)
-        padded = left_pad(new_inputs, bucket_len, pad_id=0)
-        bucket_compile = first_call(model, padded)
-        bucket_ttft = ttft(model, padded, repeats)
-
-    model, warm_inputs = build(warm)
-    hae_fx.transform(model, config)
-    dynamic_compile = first_call(model, warm_inputs)
+    dynamic, warm_inputs = build(warm)
+    hae_fx.transform(dynamic, config)
+    dynamic_compile = timed(dynamic, warm_inputs)
     torch._dynamo.utils.counters.clear()
-    dynamic_first = first_call(model, new_inputs)
+    dynamic_first = timed(dynamic, new_inputs)
     new_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    dynamic_ttft = ttft(model, new_inputs, repeats)
 
+    ttft = interleaved_ttft({"exact": (exact, new_inputs), "bucket": (bucketed, padded),
+                             "dynamic": (dynamic, new_inputs)}, repeats)
     print(f"\n{name}: warm-up prompt {warm} tokens, new prompt {new} tokens, "
-          f"bucket {bucket_len} (multiple of {bucket})")
+          f"bucket {bucket_len} (multiple of {bucket}); TTFT medians of {repeats} interleaved runs")
     print("| prefill | compile (s) | TTFT of the new length (ms) | vs exact |")
     print("| --- | --- | --- | --- |")
-    print(f"| exact length | {exact_compile:.1f} | {exact_ttft * 1e3:.2f} | 1.00 |")
-    print(f"| bucket (padded to {bucket_len}) | {bucket_compile:.1f} per bucket | {bucket_ttft * 1e3:.2f} | "
-          f"{bucket_ttft / exact_ttft:.2f} |")
-    print(f"| dynamic length | {dynamic_compile:.1f} once | {dynamic_ttft * 1e3:.2f} (first call "
-          f"{dynamic_first * 1e3:.1f}, {new_graphs} new graphs) | {dynamic_ttft / exact_ttft:.2f} |")
+    print(f"| exact length | {exact_compile:.1f} | {ttft['exact'] * 1e3:.2f} | 1.00 |")
+    print(f"| bucket (padded to {bucket_len}) | {bucket_compile:.1f} per bucket | {ttft['bucket'] * 1e3:.2f} | "
+          f"{ttft['bucket'] / ttft['exact']:.2f} |")
+    print(f"| dynamic length | {dynamic_compile:.1f} once | {ttft['dynamic'] * 1e3:.2f} (first call "
+          f"{dynamic_first * 1e3:.1f}, {new_graphs} new graphs) | {ttft['dynamic'] / ttft['exact']:.2f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", nargs="+", default=["tiny-llava", "synthvlm"])
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -163,6 +163,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         elif cache.batch != batch:
             raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
         _check_fits(cache, model, prompt_len, kwargs)
+        if cache.prefilled:
+            _check_follow_up_is_unpadded(cache, kwargs.get("attention_mask"))
         kwargs["past_key_values"] = cache
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         return eager_generate(*args, **kwargs)
@@ -265,6 +267,19 @@ def _prompt_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     raise HAEConfigError("hae_fx needs the prompt as input_ids (or inputs_embeds) to size the HAECache")
+
+
+def _check_follow_up_is_unpadded(cache: HAECache, attention_mask: torch.Tensor | None) -> None:
+    """A follow-up turn's tokens (the columns after those the cache has consumed, where HF's generate slices) are
+    fed as decode steps, which have no notion of padding: refuse a turn some row pads."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return
+    if not bool(attention_mask[:, cache.tokens_seen:].bool().all()):
+        raise HAECapacityError(
+            "a follow-up turn on an HAECache must be real tokens in every row: attention_mask has padding after the "
+            f"{cache.tokens_seen} tokens the cache has consumed; left-pad the whole history (rows of a batch differ "
+            "only in their leading padding), or continue each conversation in its own cache"
+        )
 
 
 def _check_fits(cache: HAECache, model: torch.nn.Module, prompt_len: int, kwargs: dict[str, Any]) -> None:

@@ -97,6 +97,19 @@ def test_follow_up_with_a_new_image_is_refused():
                        past_key_values=out.past_key_values, max_new_tokens=2, do_sample=False)
 
 
+def test_follow_up_padded_inside_the_turn_is_refused():
+    model = hae_fx.transform(tiny_llava(seed=0), hae_fx.HAEConfig(policy="full", capacity=96),
+                             options={"hae.compiler": "eager"})
+    inputs = llava_inputs(model, 2)
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    history = torch.cat([out.sequences, torch.tensor([[0, 5], [6, 7]])], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long), torch.tensor([[0, 1], [1, 1]])],
+                     dim=1)
+    with pytest.raises(HAECapacityError, match="follow-up turn on an HAECache must be real tokens in every row"):
+        model.generate(input_ids=history, attention_mask=mask, past_key_values=out.past_key_values, max_new_tokens=2,
+                       do_sample=False)
+
+
 # ------------------------------------------------------------------------------------------------ evicting policies
 
 
