@@ -42,7 +42,9 @@ def write_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     write_slots(k_cache, v_cache, k.gather(2, index), v.gather(2, index), slots)
 
 
-@torch.library.custom_op("hae::prefill_write_", mutates_args=("k_cache", "v_cache"))
+# flexible_layout: the op reads any strides, and without the tag Inductor records the inputs' eager strides and
+# re-traces the functionalized op with them, which fails its node-count check when the prompt length is symbolic
+@torch.library.custom_op("hae::prefill_write_", mutates_args=("k_cache", "v_cache"), tags=(torch.Tag.flexible_layout,))
 def prefill_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    keep: torch.Tensor, kept: torch.Tensor) -> None:
     """Write the prompt tokens a policy kept into the first slots: slot `i` takes token `keep[b, i]` of `k`, `v`
