@@ -136,7 +136,10 @@ class HAECache(Cache):
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
         self.prompt_pos: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
-        self.prefill_kept_len = 0  # static number of prompt tokens the prefill writes (slots 0..K-1)
+        self.prefill_kept_len = 0  # number of prompt tokens the prefill writes (slots 0..K-1)
+        #: `[0, prefill_kept_len]`, empty: carries the kept length into the prefill graph as a dimension, so one graph
+        #: serves every kept length (a Python int would be a constant, recompiled for each value)
+        self.kept_len_carrier = torch.empty(0, 0)
         #: per sequence, the logical positions of the prompt's visual tokens (for `hae_fx.viz`, `hae_fx.report`)
         self.prompt_visual_positions: list[list[int]] = [[] for _ in range(batch)]
         #: per sequence, the positions the prefill kept (filled when the prefill ends; `hae_fx.viz` draws them)
@@ -225,7 +228,14 @@ class HAECache(Cache):
         real_tokens = real.sum(dim=-1).tolist()
         visual_tokens = [len(positions) for positions in self.prompt_visual_positions]
         self.prefill_kept_len = self.policy.prefill_kept_len(token_pos.shape[1], real_tokens, visual_tokens)
+        self.kept_len_carrier = torch.empty(0, self.prefill_kept_len, device=self.slot_pos.device)
         self.policy.note_prompt(visual_tokens)
+
+    @property
+    def traced_kept_len(self) -> int:
+        """`prefill_kept_len` as traced code must read it: a dimension of `kept_len_carrier` (symbolic when
+        `hae_fx.prompt_shapes` marks it dynamic)."""
+        return self.kept_len_carrier.shape[1]
 
     def end_prefill(self) -> None:
         self.prefilled = True
@@ -297,7 +307,7 @@ class HAECache(Cache):
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
             raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
-        kept = self.prefill_kept_len
+        kept = self.traced_kept_len
         layer = self.layers[layer_idx]
         pruned = self.pruned_after is not None and layer_idx > self.pruned_after
         if layer_idx in self.plan_layers:
@@ -309,7 +319,8 @@ class HAECache(Cache):
             token_pos = self.slot_pos[:, :kept] if pruned else self.prompt_pos
             self._check_prompt_tokens(layer_idx, key_states, token_pos.shape[1])
             ring_keep = ring_prefill(layer.ring_pos, token_pos, self.prompt_pos)
-            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, ring_keep, layer.slots)
+            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, ring_keep,
+                                         ring_keep.new_empty(0, layer.slots))
             return key_states, value_states
         if pruned:
             # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
@@ -317,7 +328,8 @@ class HAECache(Cache):
             slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
             torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
             return key_states, value_states
-        torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep, kept)
+        torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep,
+                                     self.kept_len_carrier)
         return key_states, value_states
 
     def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:
@@ -338,7 +350,7 @@ class HAECache(Cache):
                                     windows=[kind.span if kind.kind == SLIDING else 0 for kind in kinds],
                                     chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
-                                    **self.slots.plan_arguments(), kept_len=self.prefill_kept_len,
+                                    **self.slots.plan_arguments(), kept=self.kept_len_carrier,
                                     config=self.config_key)
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):

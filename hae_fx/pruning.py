@@ -45,7 +45,7 @@ def _pruning_forward(forward: Callable[..., Any], layer_index: int, *, first: bo
         if args:
             raise TypeError("hae_fx hidden-state pruning expects decoder layers to receive everything but the hidden "
                             "states as keyword arguments, as HF's decoders pass them")
-        keep = cache.prefill_keep[:, : cache.prefill_kept_len]
+        keep = cache.prefill_keep[:, : cache.traced_kept_len]
         if first:
             hidden_states = gather_tokens(hidden_states, keep)
         kept_pos = cache.slot_pos[:, : keep.shape[1]]

@@ -8,8 +8,13 @@ What it installs, on the model instance only (its class and weights are untouche
   for prompt + new tokens), and calls HF's `generate` with HF's own compile turned off (hae_fx compiles).
 - `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
-  compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step.
-- the language model's `forward`: compiled prefill while the cache is empty.
+  compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step. A later call with
+  several tokens (a follow-up turn, `hae_fx.turns`) feeds them through that decode step one by one.
+- the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
+  dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
+
+Each compile is logged at INFO on the `hae_fx` logger when it starts and when it ends (CPU compiles take tens of
+seconds).
 - for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
   of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
 
@@ -22,7 +27,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import logging
 import re
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,13 +46,18 @@ from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.models.family import tower_not_traceable
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
+from hae_fx.prompt_shapes import mark_prompt_dynamic
 from hae_fx.pruning import install_hidden_pruning
+from hae_fx.turns import feed_turn
 from hae_fx.validation import check_cache_fits_model, check_full_fits, check_generate_request
 
 #: `transform(decode_loop=...)`: hae_fx's loop for greedy and multinomial decoding, or HF's for everything
 DECODE_LOOPS = ("hae", "hf")
 
-#: distinct prompt shapes one transformed model compiles a prefill graph for (each is compiled once, then reused)
+log = logging.getLogger("hae_fx")
+
+#: prefill graphs one transformed model may compile: one per batch size and per shape the graph specialises on (a
+#: one-token prompt); every prompt length of a batch size shares one graph
 PREFILL_SHAPES_PER_MODEL = 64
 
 
@@ -94,7 +106,15 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
 
     def backend_for(phase: str) -> Any:
-        return functools.partial(hae_backend, mode=mode, options=options, on_rewrite=graphs[phase].append)
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            log.info("hae: compiling the %s graph (%s, compiler %s)...", phase, _shapes_note(phase),
+                     (options or {}).get("hae.compiler", "inductor"))
+            start = time.perf_counter()
+            compiled = hae_backend(gm, example_inputs, mode=mode, options=options, on_rewrite=graphs[phase].append)
+            log.info("hae: %s graph compiled in %.1f s", phase, time.perf_counter() - start)
+            return compiled
+
+        return compile_graph
 
     language_model = family.language_model(model)
     towers = family.towers_inside(language_model)
@@ -109,8 +129,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def hae_decode_step(*args: Any, **kwargs: Any) -> Any:
         return eager_forward(*args, **kwargs)
 
+    # dynamic=None: the dimensions `mark_prompt_dynamic` marks are symbolic, every other one static
     compiled_prefill = torch.compile(_own_code(hae_prefill), backend=backend_for("prefill"), fullgraph=True,
-                                     dynamic=False)
+                                     dynamic=None)
     compiled_decode = torch.compile(_own_code(hae_decode_step), backend=backend_for("decode"), fullgraph=True,
                                     dynamic=False)
 
@@ -118,8 +139,11 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if isinstance(cache, HAECache) and not cache.prefilled:
-            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL), _hae_errors_unwrapped(), \
-                    _towers_refused(language_model, towers):
+            mark_prompt_dynamic(args, kwargs, cache)
+            # automatic dynamic off: Dynamo keys what it learned about a frame by its file, line and name, which every
+            # transformed model's prefill shares; only the dimensions marked here are dynamic
+            with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL, automatic_dynamic_shapes=False), \
+                    _hae_errors_unwrapped(), _towers_refused(language_model, towers):
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -129,8 +153,10 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if not isinstance(cache, HAECache):
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
-            cache.begin_decode_step()
             with _hae_errors_unwrapped():
+                if _prompt_tensor(args, kwargs).shape[1] > 1:
+                    return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
+                cache.begin_decode_step()
                 return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
         cache.begin_prefill(token_pos, modality)
@@ -168,6 +194,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         else:
             check_cache_fits_model(cache, model, family, policy)
         check_full_fits(cache, request)
+        if cache.prefilled:
+            _check_follow_up_is_unpadded(cache, kwargs.get("attention_mask"))
         kwargs["past_key_values"] = cache
         kwargs.setdefault("disable_compile", True)  # HF must not wrap hae's compiled step in its own compile
         if decode_loop == "hae" and _samples_one_beam(model, kwargs):
@@ -187,6 +215,12 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     install_deepcopy(installation, model, lambda clone: transform(clone, config, mode=mode, options=options,
                                                                         decode_loop=decode_loop))
     return model
+
+
+def _shapes_note(phase: str) -> str:
+    if phase == "prefill":
+        return "once for every prompt length"
+    return "once, replayed every step"
 
 
 @contextlib.contextmanager
@@ -295,5 +329,18 @@ def _samples_one_beam(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
     other_loop = any(kwargs.get(name) for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate",
                                                     "synced_gpus"))
     return setting("num_beams") in (None, 1) and not other_loop and setting("prompt_lookup_num_tokens") is None
+
+
+def _check_follow_up_is_unpadded(cache: HAECache, attention_mask: torch.Tensor | None) -> None:
+    """A follow-up turn's tokens (the columns after those the cache has consumed, where HF's generate slices) are
+    fed as decode steps, which have no notion of padding: refuse a turn some row pads."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return
+    if not bool(attention_mask[:, cache.tokens_seen:].bool().all()):
+        raise HAECapacityError(
+            "a follow-up turn on an HAECache must be real tokens in every row: attention_mask has padding after the "
+            f"{cache.tokens_seen} tokens the cache has consumed; left-pad the whole history (rows of a batch differ "
+            "only in their leading padding), or continue each conversation in its own cache"
+        )
 
 

@@ -295,10 +295,14 @@ def _score_increments(rows: list[torch.Tensor], score_source: str, dap_layer: in
 def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin_size: int, sinks: int,
                    window: int, dap_layer: int, r: float, alpha: float, prune_hidden: bool = False,
                    max_visual_keep: int | None = None, score_source: str = "layers_mean",
-                   visual_first: float = 1.0, decay: float = 0.0, new_tokens: int) -> HAEOracleRun:
+                   visual_first: float = 1.0, decay: float = 0.0, new_tokens: int,
+                   turns: tuple[tuple[list[int], int], ...] = ()) -> HAEOracleRun:
     """Greedy generation of one unpadded sequence under the `hae` policy, eagerly (`model`: HF LLaVA, eager).
 
-    The first token comes from the prefill logits, then `new_tokens - 1` decode steps follow.
+    The first token comes from the prefill logits, then `new_tokens - 1` decode steps follow. `turns`: follow-up
+    turns, each `(new token ids, tokens to generate)`: the previous turn's last generated token and the turn's ids
+    are fed one DDES decode step each (DAP runs at the first prompt only); the last of them gives the turn's first
+    generated token. `kept`/`binned` are recorded after each generated token's step.
     """
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1, "the oracle runs one sequence at a time"
@@ -325,15 +329,28 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
     prefill_scores = dict(state.scores)
     kept, binned = [state.kept], [sorted(state.binned)]
     logits, tokens = [first_logits], [int(first_logits.argmax())]
-    for step in range(1, new_tokens):
-        position = prompt_len + step - 1
+    position = prompt_len
+
+    def feed(token: int) -> torch.Tensor:
+        """One DDES decode step of `token` at the next position; records the cache it attends over."""
+        nonlocal position
         state.maintain(seen=position)
         state.place(position)
-        kept.append(state.kept)
-        binned.append(sorted(state.binned))
-        step_logits, rows = _decode_forward(model, tokens[-1], position, state.kept, cache)
+        held.append((state.kept, sorted(state.binned)))
+        step_logits, rows = _decode_forward(model, token, position, state.kept, cache)
         state.add_attention(_score_increments(rows, score_source, dap_layer, _global_layers(model)))
-        logits.append(step_logits)
-        tokens.append(int(step_logits.argmax()))
+        position += 1
+        return step_logits
+
+    held: list[tuple[list[int], list[int]]] = []
+    for turn_ids, turn_tokens in ((None, new_tokens), *turns):
+        fed = [] if turn_ids is None else [tokens[-1], *turn_ids]
+        for index in range(len(fed) + turn_tokens - 1):
+            step_logits = feed(fed[index] if index < len(fed) else tokens[-1])
+            if index >= len(fed) - 1:  # a generated token: the turn's last fed one, then every decode step
+                kept.append(held[-1][0])
+                binned.append(held[-1][1])
+                logits.append(step_logits)
+                tokens.append(int(step_logits.argmax()))
     return HAEOracleRun(tokens=tokens, kept=kept, binned=binned, logits=torch.stack(logits),
                         prefill_scores=prefill_scores, dap_evicted=plan.dap_evicted)

@@ -41,8 +41,8 @@ class Rule(Protocol):
 
 @dataclass
 class OracleRun:
-    tokens: list[int]
-    kept: list[list[int]]  # after prefill, then after each decode step's placement
+    tokens: list[int]  # every turn's generated tokens, in order
+    kept: list[list[int]]  # after prefill (or a follow-up turn's last token), then after each decode step's placement
     logits: torch.Tensor
 
 
@@ -50,8 +50,13 @@ def _mean_heads(weights: torch.Tensor) -> torch.Tensor:
     return weights[0].float().mean(dim=0)
 
 
-def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: int, new_tokens: int) -> OracleRun:
-    """Greedy generation of one unpadded sequence under `rule` (`model`: HF LLaVA with eager attention)."""
+def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: int, new_tokens: int,
+             turns: tuple[tuple[list[int], int], ...] = ()) -> OracleRun:
+    """Greedy generation of one unpadded sequence under `rule` (`model`: HF LLaVA with eager attention).
+
+    `turns`: follow-up turns, each `(new token ids, tokens to generate)`. A follow-up feeds the previous turn's last
+    generated token, then the turn's ids, one decode step each under the rule (the rule evicts as at decode); the
+    last of them gives the turn's first generated token."""
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1, "the oracle runs one sequence at a time"
     prompt_len = input_ids.shape[1]
@@ -60,21 +65,31 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     out, scores = _prefill(model, input_ids, inputs.get("pixel_values"), cache, rule, visual, capacity)
     assert len(scores) == min(prompt_len, capacity)
     kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
-    for step in range(1, new_tokens):
-        position = prompt_len + step - 1
+    position = prompt_len
+
+    def feed(token: int) -> torch.Tensor:
+        nonlocal position
         if len(scores) >= capacity:
             del scores[rule.victim(scores, position)]
         scores[position] = 0.0
-        kept.append(sorted(scores))
         mask = torch.full((1, 1, 1, position + 1), float("-inf"))
         mask[..., sorted(scores)] = 0.0
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, attention_mask=mask,
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask,
                         position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
         rows = torch.stack([_mean_heads(w)[-1] for w in out.attentions]).mean(dim=0)
         rule.attended(scores, rows.tolist())
-        logits.append(out.logits[0, -1])
-        tokens.append(int(out.logits[0, -1].argmax()))
+        position += 1
+        return out.logits[0, -1]
+
+    for turn_ids, turn_tokens in ((None, new_tokens), *turns):
+        fed = [] if turn_ids is None else [tokens[-1], *turn_ids]
+        for index in range(len(fed) + turn_tokens - 1):
+            step_logits = feed(fed[index] if index < len(fed) else tokens[-1])
+            if index >= len(fed) - 1:  # a generated token: the turn's last fed one, then every decode step
+                kept.append(sorted(scores))
+                logits.append(step_logits)
+                tokens.append(int(step_logits.argmax()))
     return OracleRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
 
 

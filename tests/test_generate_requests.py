@@ -110,7 +110,7 @@ def test_a_cache_without_the_models_windows_is_refused():
 @pytest.mark.parametrize("changes, shape", [(dict(kv_heads=1), "1 KV heads of dim 16"),
                                             (dict(head_dim=8), "2 KV heads of dim 8")])
 def test_a_user_built_cache_of_other_heads_is_refused_at_the_first_keys(changes, shape):
-    message = rf"caches keys of shape \(1, 2, 12, 16\) .* sized for {shape}; build the cache with HAECache\(\.\.\."
+    message = rf"caches keys of shape \(1, 2, \w+, 16\) .* sized for {shape}; build the cache with HAECache\(\.\.\."
     with pytest.raises(HAEUnsupportedModelError, match=message):
         _model().generate(_prompt(), past_key_values=_cache(**changes), max_new_tokens=3)
 

@@ -114,7 +114,7 @@ def _prefill_plan_arguments(query):
         slot_pos=torch.full((batch, capacity), -1, dtype=torch.int64), score=torch.zeros(batch, capacity),
         modality=torch.zeros(batch, capacity, dtype=torch.int8), seen=torch.zeros(batch, dtype=torch.int64),
         prefill_keep=torch.zeros(batch, capacity, dtype=torch.int64),
-        extras=[torch.zeros(batch, capacity, dtype=torch.int8)], kept_len=length, config=config.key(),
+        extras=[torch.zeros(batch, capacity, dtype=torch.int8)], kept=torch.empty(0, length), config=config.key(),
     )
 
 

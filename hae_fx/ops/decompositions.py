@@ -27,8 +27,8 @@ def register_inductor_decompositions() -> None:
         write_slots(k_cache, v_cache, k, v, slot)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_write_.default)
-    def _prefill_write(k_cache, v_cache, k, v, keep, kept_len):
-        write_prefix(k_cache, v_cache, k, v, keep, kept_len)
+    def _prefill_write(k_cache, v_cache, k, v, keep, kept):
+        write_prefix(k_cache, v_cache, k, v, keep, kept)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_plan_.default)
     def _prefill_plan(*args, **kwargs):

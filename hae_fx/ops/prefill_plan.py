@@ -66,30 +66,32 @@ def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], 
                   windows: list[int], chunks: list[int], masks: list[torch.Tensor | None], token_pos: torch.Tensor,
                   token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
                   modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
-                  kept_len: int, config: str) -> None:
+                  kept: torch.Tensor, config: str) -> None:
     """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
 
     `queries`/`keys`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`, keys
     `[B, Hkv, T, D]` (after RoPE) and softmax scale; `windows`/`chunks`: that layer's sliding window or attention
     chunk (0: none), and the mask its attention applied (None: causal), so the plan reads the attention the layer
-    computes. `config`: the policy config's key."""
+    computes. `kept`: an empty `[0, K]` tensor whose width is the number of prompt tokens kept (a tensor dimension
+    stays symbolic in the one prefill graph for every prompt length; an int argument breaks Inductor's
+    decomposition of the functionalized op). `config`: the policy config's key."""
     plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
-                 seen, prefill_keep, extras, kept_len, config)
+                 seen, prefill_keep, extras, kept, config)
 
 
 @prefill_plan_.register_fake
 def _(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality, seen,
-      prefill_keep, extras, kept_len, config) -> None:
+      prefill_keep, extras, kept, config) -> None:
     return None
 
 
 def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
-                 seen, prefill_keep, extras, kept_len, config) -> None:
+                 seen, prefill_keep, extras, kept, config) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
-    The policy ranks the prompt tokens; the `kept_len` highest (equal priorities: the lower position first) go to
-    slots `0..kept_len-1` in position order, padding first (left-padded, so the last prompt token is in slot
-    `kept_len - 1`); `prefill_keep[b, i]` is the prompt index that slot `i` holds.
+    The policy ranks the prompt tokens; the `kept_len = kept.shape[1]` highest (equal priorities: the lower position
+    first) go to slots `0..kept_len-1` in position order, padding first (left-padded, so the last prompt token is in
+    slot `kept_len - 1`); `prefill_keep[b, i]` is the prompt index that slot `i` holds.
     """
     if any(query is None for query in queries):
         raise HAESiteError(
@@ -106,6 +108,7 @@ def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token
                  for q, k, scale, window, chunk, mask
                  in zip(queries, keys, scales, windows, chunks, masks, strict=True)]
     priority, token_score = policy.prefill_priority(prompt, attention)
+    kept_len = kept.shape[1]
 
     # highest first, ties to the lower index (so the lower position): a stable sort, where topk's order is unspecified
     ranked_priority, ranked = priority.sort(dim=-1, descending=True, stable=True)
