@@ -1,11 +1,11 @@
 """The fused slot-attention kernel (`hae::slot_attention_fused`) against the reference math, without a GPU.
 
 CI has no GPU, so the kernel runs in Triton's CPU interpreter (`TRITON_INTERPRET=1`, read when the kernels are
-defined, hence a child process), at small shapes that still cover every path: several slot splits and one,
-one query row and many (several row blocks), padded head dims, permuted queries, a row with no valid slot
-and the variant without weights, in fp32 and fp16. The interpreter computes bf16 dots wrongly (Triton 3.9),
-so bf16 is checked on the GPU only (`benchmarks/attention_kernel.py`). A second test checks what Inductor
-and AOTInductor receive on CUDA: the kernels, not an opaque op.
+defined, hence a child process), at small shapes that still cover every path: several slot splits and one, one query
+row and many (several row blocks), padded head dims, permuted queries, a row with no valid slot and the variant
+without weights, in fp32 and fp16, and int8 slots with per-slot scales (quantized caches). The interpreter computes
+bf16 dots wrongly (Triton 3.9), so bf16 is checked on the GPU only (`benchmarks/attention_kernel.py`). A second test
+checks what Inductor and AOTInductor receive on CUDA: the kernels, not an opaque op.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import hae_fx  # noqa: F401  (registers the ops)
+from hae_fx.kv_quant import dequantize_rows, quantize_rows
 from hae_fx.ops.slot_attention import attend_slots, uses_fused_kernel
 
 pytest.importorskip("triton")
@@ -33,6 +34,8 @@ CASES = [
     (2, 6, 2, 3, 50, 24, "float32", "permuted", {}),  # head dim padded to 32
     (2, 4, 2, 1, 100, 16, "float32", "no_valid_slot", {}),
     (2, 4, 2, 1, 100, 16, "float16", "", {}),
+    (1, 4, 2, 1, 100, 16, "float32", "int8", {}),  # int8 slots, 4 splits
+    (2, 8, 2, 3, 50, 24, "float16", "int8", {"splits": 1}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 
@@ -45,14 +48,14 @@ _CHILD = textwrap.dedent("""
 
     cases = torch.load(sys.argv[1])
     results = []
-    for (q, k, v, slot_pos, scale), overrides in cases:
+    for (q, k, v, slot_pos, scale, *slot_scales), overrides in cases:
         if overrides:
             with set_wrap_triton_enabled(False):
-                weighted = launch_slot_attention(q, k, v, slot_pos, scale, True, **overrides)
-                plain = launch_slot_attention(q, k, v, slot_pos, scale, False, **overrides)
+                weighted = launch_slot_attention(q, k, v, slot_pos, scale, True, *slot_scales, **overrides)
+                plain = launch_slot_attention(q, k, v, slot_pos, scale, False, *slot_scales, **overrides)
         else:
-            weighted = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, True)
-            plain = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, False)
+            weighted = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, True, *slot_scales)
+            plain = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, False, *slot_scales)
         results.append((weighted, plain))
     torch.save(results, sys.argv[2])
 """)
@@ -69,6 +72,9 @@ def _inputs(batch, q_heads, kv_heads, q_len, capacity, head_dim, dtype, variant,
     slot_pos[torch.rand(batch, capacity, generator=generator) < 0.3] = -1
     if variant == "no_valid_slot":
         slot_pos[0] = -1
+    if variant == "int8":
+        (k, k_scale), (v, v_scale) = quantize_rows(k, torch.int8), quantize_rows(v, torch.int8)
+        return q, k, v, slot_pos, head_dim ** -0.5, k_scale, v_scale
     return q, k, v, slot_pos, head_dim ** -0.5
 
 
@@ -86,8 +92,10 @@ def test_kernel_matches_reference_in_triton_interpreter(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
 
-    for case, ((q, k, v, slot_pos, scale), _), ((out, weight), (plain, no_weight)) in zip(
+    for case, ((q, k, v, slot_pos, scale, *slot_scales), _), ((out, weight), (plain, no_weight)) in zip(
             CASES, cases, results, strict=True):
+        if slot_scales:  # the reference over the dequantized slots
+            k, v = (dequantize_rows(x, s, torch.float64) for x, s in zip((k, v), slot_scales, strict=True))
         ref_out, ref_weight = attend_slots(q.double(), k.double(), v.double(), slot_pos, scale)
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), case
         assert weight.shape == slot_pos.shape and weight.dtype == torch.float32, case
