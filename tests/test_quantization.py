@@ -165,7 +165,9 @@ def test_nbytes_counts_8_bit_values_and_scales(model_dtype, kv_dtype):
     assert quantized.kv_nbytes / plain.kv_nbytes == pytest.approx((128 + 4) / (128 * element))
     assert plain.nbytes - quantized.nbytes == plain.kv_nbytes - quantized.kv_nbytes  # the slot metadata is the same
     assert quantized.layers[0].keys.dtype == QUANT_RANGES[kv_dtype][0]
-    assert hae_fx.report(quantized).kv_bytes == quantized.kv_nbytes
+    summary = hae_fx.report(quantized)
+    assert summary.kv_bytes == quantized.kv_nbytes and summary.kv_dtype == kv_dtype
+    assert f"({kv_dtype} values + scales)" in str(summary)
 
 
 # -- KV: generation ----------------------------------------------------------------------------------------------
