@@ -29,6 +29,7 @@ from hae_fx.errors import HAEConfigError
 from hae_fx.models.llava import tiny_llava
 from hae_fx.ops.slot_attention import attend_slots
 from tests.conftest import llava_inputs
+from tests.families import BY_NAME
 from tests.oracle import run_oracle
 from tests.test_streaming import RecordKept
 
@@ -290,3 +291,21 @@ def test_int8_kv_with_int8_weights_compiles_once_and_equals_the_eager_reference(
     assert dynamo_counters["stats"]["unique_graphs"] == 2  # one prefill graph, one decode graph
     assert runs["inductor"] == runs["eager"]
     assert all(len(kept) == 24 for kept in runs["eager"][1])
+
+
+def test_windowed_rings_with_int8_kv_equal_the_quantized_cache_oracle():
+    """Gemma 3's sliding layers keep int8 rings, its global layer an int8 streaming set: tokens and logits equal the
+    oracle whose cache holds torchao-quantized K/V (sliding layers masked to their window)."""
+    family = BY_NAME["gemma3-text"]
+    reference = family.build()
+    inputs = family.inputs(1)
+    inputs.pop("attention_mask")
+    config = hae_fx.HAEConfig(policy="streaming", capacity=10, sinks=2, window=3, kv_dtype="int8")
+    model = hae_fx.transform(family.build(), config, options={"hae.compiler": "eager"})
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    tokens, kept, logits = _quantized_oracle(reference, inputs, "int8", "streaming", 10, 2, 24)
+    assert out.sequences[:, inputs["input_ids"].shape[1]:].tolist() == tokens
+    torch.testing.assert_close(torch.cat(out.logits), logits, atol=1e-4, rtol=1e-4)
+    assert kept_positions(out.past_key_values) == [kept[-1]]
+    assert all(layer.keys.dtype == torch.int8 and layer.key_scales is not None for layer in out.past_key_values.layers)
