@@ -25,9 +25,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 import hae_fx
 from hae_fx.cache import kept_positions
-from hae_fx.errors import HAEConfigError
+from hae_fx.errors import HAEConfigError, HAESiteError
 from hae_fx.models.llava import tiny_llava
 from hae_fx.ops.slot_attention import attend_slots
+from hae_fx.passes import rewrite_attention
+from hae_fx.slots import CacheRole
 from tests.conftest import llava_inputs
 from tests.families import BY_NAME
 from tests.oracle import run_oracle
@@ -309,3 +311,15 @@ def test_windowed_rings_with_int8_kv_equal_the_quantized_cache_oracle():
     torch.testing.assert_close(torch.cat(out.logits), logits, atol=1e-4, rtol=1e-4)
     assert kept_positions(out.past_key_values) == [kept[-1]]
     assert all(layer.keys.dtype == torch.int8 and layer.key_scales is not None for layer in out.past_key_values.layers)
+
+
+def test_dequantized_slots_read_by_an_unrecognised_op_are_refused():
+    """A quantized cache's slots reach the model through `hae::dequantize_slots`; anything but a recognised attention
+    reading them would attend with the wrong mask, so the rewrite refuses it."""
+    graph = torch.fx.Graph()
+    keys, scales = graph.placeholder("keys"), graph.placeholder("key_scales")
+    dequantized = graph.call_function(torch.ops.hae.dequantize_slots.default, (keys, scales, torch.float32))
+    graph.output(graph.call_function(torch.sum, (dequantized,)))
+    roles = {keys: CacheRole("keys", 0), scales: CacheRole("key_scales", 0)}
+    with pytest.raises(HAESiteError, match=r"cache keys of layer 0 are read by .*sum"):
+        rewrite_attention(torch.fx.GraphModule(torch.nn.Module(), graph), roles)
