@@ -108,7 +108,7 @@ def test_kernel_matches_reference_in_triton_interpreter(tmp_path):
             assert torch.all(weight[slot_pos < 0] == 0), case
 
 
-def _traced_ops(model: torch.nn.Module, *, export_switch: bool) -> set[str]:
+def _traced_ops(model: torch.nn.Module, *, export_switch: bool, slot_dtype: torch.dtype = torch.bfloat16) -> set[str]:
     """The call targets of `model`'s graph as AOTInductor traces it (or, with `export_switch`, as torch.export
     does), for fake CUDA tensors: no GPU is needed to trace."""
     from torch._functorch.aot_autograd import aot_export_module
@@ -118,9 +118,11 @@ def _traced_ops(model: torch.nn.Module, *, export_switch: bool) -> set[str]:
 
     with FakeTensorMode():
         args = (torch.empty(2, 4, 1, 16, device="cuda", dtype=torch.bfloat16),
-                torch.empty(2, 2, 100, 16, device="cuda", dtype=torch.bfloat16),
-                torch.empty(2, 2, 100, 16, device="cuda", dtype=torch.bfloat16),
+                torch.empty(2, 2, 100, 16, device="cuda", dtype=slot_dtype),
+                torch.empty(2, 2, 100, 16, device="cuda", dtype=slot_dtype),
                 torch.empty(2, 100, dtype=torch.long, device="cuda"))
+        if slot_dtype == torch.int8:
+            args += (torch.empty(2, 2, 100, 1, device="cuda"), torch.empty(2, 2, 100, 1, device="cuda"))
         if export_switch:
             with _disable_custom_triton_op_functional_decomposition():
                 graph, _ = aot_export_module(torch.fx.symbolic_trace(model), args, trace_joint=False)
@@ -134,6 +136,19 @@ class _Attention(torch.nn.Module):
     def forward(self, q, k_cache, v_cache, slot_pos):
         out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)
         return out, slot_weight, torch.ops.hae.slot_attention_no_weight(q, k_cache, v_cache, slot_pos, 0.25)
+
+
+class _QuantizedAttention(torch.nn.Module):
+    def forward(self, q, k_cache, v_cache, slot_pos, k_scale, v_scale):
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
+        out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25, **scales)
+        return out, slot_weight, torch.ops.hae.slot_attention_no_weight(q, k_cache, v_cache, slot_pos, 0.25, **scales)
+
+
+def test_int8_slots_trace_into_the_kernels_on_cuda():
+    compiled = _traced_ops(_QuantizedAttention(), export_switch=False, slot_dtype=torch.int8)
+    assert "triton_kernel_wrapper_functional" in compiled
+    assert not any(target.startswith("hae.") for target in compiled), compiled
 
 
 def test_cuda_graphs_trace_into_the_kernels_and_export_keeps_the_op():
