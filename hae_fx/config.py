@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hae_fx.errors import HAEConfigError
+from hae_fx.kv_quant import KV_DTYPES
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class PolicyConfig:
         sinks: the first tokens of each sequence that are never evicted (attention sinks).
         window: the most recent tokens that are never evicted. Evicting policies need room for
             `sinks + window + 1` tokens, so that one token is always left to choose from.
+        kv_dtype: how K/V slots are stored: None keeps the model's dtype; `"int8"` or `"float8_e4m3fn"` store
+            8-bit values with one fp32 scale per slot and KV head (`hae_fx.kv_quant`), dequantized inside the
+            decode attention. Prefill attends over the prompt's unquantized keys, as without quantization.
     """
 
     #: the policy name this config selects (`hae_fx.policies.available()` lists them)
@@ -35,11 +39,13 @@ class PolicyConfig:
     capacity: int = 256
     sinks: int = 4
     window: int = 16
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         require_int(self, "capacity", minimum=1)
         require_int(self, "sinks", minimum=0)
         require_int(self, "window", minimum=0)
+        require_choice(self, "kv_dtype", (None, *KV_DTYPES))
         self.validate()
 
     def validate(self) -> None:

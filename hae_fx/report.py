@@ -38,8 +38,10 @@ class CacheReport:
     Attributes:
         policy, capacity: from the cache's config; bin_size: the policy's recycle bin (0 for none).
         sequences: one `SequenceReport` per sequence.
-        kv_bytes: bytes of the cache's K/V buffers (fixed at construction).
-        full_kv_bytes: bytes a full cache would need for the longest sequence seen so far.
+        kv_bytes: bytes of the cache's K/V buffers (fixed at construction; 8-bit values and their scales when
+            `kv_dtype` quantizes them).
+        full_kv_bytes: bytes a full cache in the same storage would need for the longest sequence seen so far.
+        kv_dtype: the config's `kv_dtype` (None: the model's dtype).
     """
 
     policy: str
@@ -48,6 +50,7 @@ class CacheReport:
     sequences: tuple[SequenceReport, ...]
     kv_bytes: int
     full_kv_bytes: int
+    kv_dtype: str | None = None
 
     @property
     def kv_saving(self) -> float:
@@ -61,8 +64,9 @@ class CacheReport:
         for index, seq in enumerate(self.sequences):
             lines.append(f"  {index:>3}  {seq.tokens_seen:>4}  {seq.kept:>4}  {seq.kept_visual:>6} "
                          f"({seq.prompt_visual:>6})  {seq.kept_text:>4}  {seq.binned:>6}")
+        storage = f" ({self.kv_dtype} values + scales)" if self.kv_dtype else ""
         lines.append(f"  KV bytes {self.kv_bytes:,} vs full cache {self.full_kv_bytes:,} "
-                     f"({self.kv_saving:.1%} saved)")
+                     f"({self.kv_saving:.1%} saved){storage}")
         return "\n".join(lines)
 
 
@@ -82,4 +86,4 @@ def report(cache: HAECache) -> CacheReport:
     longest = max(seq.tokens_seen for seq in sequences)
     return CacheReport(policy=cache.config.policy, capacity=cache.capacity, bin_size=cache.policy.bin_size,
                        sequences=sequences, kv_bytes=cache.kv_nbytes,
-                       full_kv_bytes=cache.kv_bytes_per_token * longest)
+                       full_kv_bytes=cache.kv_bytes_per_token * longest, kv_dtype=cache.config.kv_dtype)

@@ -142,10 +142,10 @@ def check_cache_fits_model(cache, model: torch.nn.Module, family, model_policy) 
             f"the HAECache's layer kinds {[str(kind) for kind in cache_kinds]} differ from the model's "
             f"{[str(kind) for kind in kinds]} (a windowed layer needs its ring of slots); {fix}"
         )
-    keys = cache.layers[0].keys
-    if keys.dtype != model.dtype or keys.device != model.device:
+    layer = cache.layers[0]  # `dtype`: what its K/V dequantize to, whatever `kv_dtype` stores them as
+    if layer.dtype != model.dtype or layer.device != model.device:
         raise HAEConfigError(
-            f"the HAECache holds {keys.dtype} on {keys.device} but the model computes in {model.dtype} on "
+            f"the HAECache computes in {layer.dtype} on {layer.device} but the model computes in {model.dtype} on "
             f"{model.device}; {fix}"
         )
     cache.policy.check_model(num_layers)

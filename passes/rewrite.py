@@ -3,7 +3,9 @@ cache's running scores.
 
 After the rewrite the only readers of a cache K/V buffer are hae ops (`slot_write_`, `slot_attention`). Any
 other reader means an attention the passes did not recognise, which would attend over slots with the wrong
-mask: that is an error, never a silent fallback.
+mask: that is an error, never a silent fallback. For a quantized cache the attention read the slots through
+`hae::dequantize_slots`; the rewritten attention reads the 8-bit buffers and their per-slot scales (the layer's
+`key_scales`/`value_scales` inputs), and a dequantize left with readers is the same error.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import fx
 from hae_fx.cache import CacheRole
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAESiteError
-from hae_fx.passes.sites import AttentionSite, find_attention_sites, scale_of
+from hae_fx.passes.sites import AttentionSite, find_attention_sites, is_dequantize, scale_of
 from hae_fx.policies import policy_for
 
 
@@ -65,7 +67,8 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
         global_sites = [site for site in sites if site.layer not in rings]
         weights = _score_weights(global_sites, roles[score].config)
         for site in sites:
-            _rewrite_site(graph, site, rings.get(site.layer, slot_pos), score, weights.get(site.layer))
+            _rewrite_site(graph, site, rings.get(site.layer, slot_pos), score, weights.get(site.layer),
+                          _slot_scales(roles, site.layer))
     _check_only_hae_ops_read_slots(graph, roles)
     graph.lint()
     gm.recompile()
@@ -82,6 +85,17 @@ def _placeholder(roles: dict[fx.Node, CacheRole], kind: str) -> fx.Node:
     )
 
 
+def _slot_scales(roles: dict[fx.Node, CacheRole], layer: int) -> dict[str, fx.Node]:
+    """The attention op's scale arguments for `layer`'s quantized slots (none for unquantized ones)."""
+    found = {role.kind: node for node, role in roles.items()
+             if role.layer == layer and role.kind in ("key_scales", "value_scales")}
+    if not found:
+        return {}
+    if len(found) != 2:
+        raise HAESiteError(f"layer {layer}: the graph reads only its {set(found)} of a quantized HAECache's slots")
+    return {"k_scale": found["key_scales"], "v_scale": found["value_scales"]}
+
+
 def _score_weights(sites: list[AttentionSite], config: PolicyConfig | None) -> dict[int, float]:
     """Weight of each layer's per-slot attention in the score update (layers left out add nothing)."""
     layers = [site.layer for site in sites]
@@ -91,13 +105,13 @@ def _score_weights(sites: list[AttentionSite], config: PolicyConfig | None) -> d
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, score: fx.Node,
-                  score_weight: float | None) -> None:
+                  score_weight: float | None, slot_scales: dict[str, fx.Node]) -> None:
     args = (site.query, site.keys, site.values, valid_pos, scale_of(site))
     with graph.inserting_before(site.output):
         if score_weight is None:  # nothing reads this site's per-slot attention: the op that skips computing it
-            out = graph.call_function(torch.ops.hae.slot_attention_no_weight.default, args)
+            out = graph.call_function(torch.ops.hae.slot_attention_no_weight.default, args, slot_scales)
         else:
-            attention = graph.call_function(torch.ops.hae.slot_attention.default, args)
+            attention = graph.call_function(torch.ops.hae.slot_attention.default, args, slot_scales)
             out = graph.call_function(operator.getitem, (attention, 0))
             slot_weight = graph.call_function(operator.getitem, (attention, 1))
             graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": score_weight})
@@ -129,7 +143,12 @@ def _check_only_hae_ops_read_slots(graph: fx.Graph, roles: dict[fx.Node, CacheRo
     for node, role in roles.items():
         if role.kind not in ("keys", "values"):
             continue
-        for user in node.users:
+        readers = list(node.users)
+        while readers:
+            user = readers.pop()
+            if user.op == "call_function" and is_dequantize(user):
+                readers.extend(user.users)  # what reads the dequantized slots reads the slots
+                continue
             if user.op == "call_function" and is_hae_op(user.target):
                 continue
             raise HAESiteError(

@@ -8,7 +8,9 @@ Two forms are recognised in Dynamo (torch-level) and export (aten-level) graphs:
   -> matmul(p, v)`.
 
 "Come from" means: walking back from the attention operand through view/layout/dtype ops reaches the
-placeholder of the cache buffer. A site records what the rewrite needs and the nodes it may delete.
+placeholder of the cache buffer (for a quantized cache, `hae::dequantize_slots` of it: the rewritten attention
+reads the quantized buffer and its scales instead). A site records what the rewrite needs and the nodes it may
+delete.
 """
 
 from __future__ import annotations
@@ -82,7 +84,12 @@ def calls_op(node: fx.Node, packet: torch._ops.OpOverloadPacket) -> bool:
 def is_pass_through(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _PASS_THROUGH_METHODS
-    return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
+    return node.op == "call_function" and (node.target in _PASS_THROUGH_FUNCTIONS or is_dequantize(node))
+
+
+def is_dequantize(node: fx.Node) -> bool:
+    """Whether `node` is `hae::dequantize_slots`: a quantized cache's slots as the model's attention reads them."""
+    return calls_op(node, torch.ops.hae.dequantize_slots)
 
 
 def trace_to_cache(node: object, roles: dict[fx.Node, CacheRole], kind: str,

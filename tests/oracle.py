@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 
 def streaming_keep(seen: list[int], capacity: int, sinks: int) -> list[int]:
@@ -51,8 +52,10 @@ def decode_masks(model, kept: list[int], position: int) -> torch.Tensor | dict[s
 
 
 def run_oracle(model, inputs: dict[str, torch.Tensor], *, policy: str, capacity: int, sinks: int,
-               new_tokens: int) -> tuple[list[list[int]], list[list[list[int]]], torch.Tensor]:
-    """Greedy generation of one unpadded sequence under `policy`, eagerly.
+               new_tokens: int, cache: Cache | None = None
+               ) -> tuple[list[list[int]], list[list[list[int]]], torch.Tensor]:
+    """Greedy generation of one unpadded sequence under `policy`, eagerly, in `cache` (a `DynamicCache` when None;
+    tests/test_quantization.py passes one that stores its keys quantized).
 
     Returns `(tokens, kept_per_step, logits)`: the generated ids, the kept positions after prefill and after
     every decode step, and the logits of every generated token (`[new_tokens, vocab]`).
@@ -60,7 +63,8 @@ def run_oracle(model, inputs: dict[str, torch.Tensor], *, policy: str, capacity:
     keep_rule = KEEP_RULES[policy]
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 1, "the oracle runs one sequence at a time"
-    cache = DynamicCache()  # every layer keeps every key; the masks below say which ones a step may see
+    if cache is None:
+        cache = DynamicCache()  # every layer keeps every key; the masks below say which ones a step may see
     prompt_len = input_ids.shape[1]
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), past_key_values=cache,

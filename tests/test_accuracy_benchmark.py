@@ -37,6 +37,15 @@ def test_variants_cover_every_policy(accuracy_module) -> None:
         assert (f"{policy}_prune" in names) == ("prune_hidden" in accuracy_module.config_fields(policy))
 
 
+def test_kv_dtype_adds_a_quantized_row_per_variant(accuracy_module) -> None:
+    plain = accuracy_module.variants()
+    quantized = [v for v in accuracy_module.variants(["int8"]) if v.kv_dtype]
+    assert [v.name for v in quantized] == [f"{v.name}+int8" for v in plain]
+    for variant in quantized:
+        assert accuracy_module.config_for(variant, 95).kv_dtype == "int8"
+    assert all(accuracy_module.config_for(v, 95).kv_dtype is None for v in plain)
+
+
 def test_config_rule_is_valid_at_every_budget(accuracy_module) -> None:
     for variant in accuracy_module.variants():
         for capacity in (16, 24, 33, 95, 140, 237):

@@ -202,7 +202,9 @@ def test_hae_over_three_turns_matches_oracle():
     """DAP prunes the first prompt's image; DDES places every follow-up token (binning and freeing as at decode)."""
     config = hae_fx.HAEConfig(policy="hae", capacity=24, bin_size=4, sinks=2, window=4, dap_layer=1, r=0.04,
                               alpha=0.1)
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "policy"}
+    # the oracle attends over float K/V: kv_dtype is not one of its parameters
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("policy", "kv_dtype")}
 
     def oracle_run(reference, inputs):
         return run_hae_oracle(reference, inputs, new_tokens=FIRST_TURN_TOKENS, turns=TURNS, **fields)

@@ -85,7 +85,7 @@ def _cache(config=STREAMING, **changes):
 @pytest.mark.parametrize("cache, message", [
     (lambda: _cache(num_layers=3), r"the HAECache has 3 layers but the model's text decoder has 4"),
     (lambda: _cache(num_layers=5), r"the HAECache has 5 layers but the model's text decoder has 4"),
-    (lambda: _cache(dtype=torch.float64), r"the HAECache holds torch.float64 on cpu but the model computes in "
+    (lambda: _cache(dtype=torch.float64), r"the HAECache computes in torch.float64 on cpu but the model computes in "
                                           r"torch.float32 on cpu"),
     (lambda: _cache(HAEConfig(policy="hae", capacity=12, sinks=2, window=3, bin_size=2, dap_layer=9)),
      r"HAEConfig.dap_layer=9 is beyond the model's depth: its text decoder has 4 layers"),

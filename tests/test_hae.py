@@ -49,7 +49,9 @@ def generate_recorded(model, config, inputs, new_tokens):
 
 
 def oracle_for(config, seed, inputs, new_tokens):
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "policy"}
+    # the oracle attends over float K/V: kv_dtype is not one of its parameters (tests/test_quantization.py covers it)
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("policy", "kv_dtype")}
     return run_hae_oracle(model_for(seed, attn_implementation="eager"), inputs, new_tokens=new_tokens, **fields)
 
 

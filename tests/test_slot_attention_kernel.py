@@ -1,11 +1,11 @@
 """The fused slot-attention kernel (`hae::slot_attention_fused`) against the reference math, without a GPU.
 
 CI has no GPU, so the kernel runs in Triton's CPU interpreter (`TRITON_INTERPRET=1`, read when the kernels are
-defined, hence a child process), at small shapes that still cover every path: several slot splits and one,
-one query row and many (several row blocks), padded head dims, permuted queries, a row with no valid slot
-and the variant without weights, in fp32 and fp16. The interpreter computes bf16 dots wrongly (Triton 3.9),
-so bf16 is checked on the GPU only (`benchmarks/attention_kernel.py`). A second test checks what Inductor
-and AOTInductor receive on CUDA: the kernels, not an opaque op.
+defined, hence a child process), at small shapes that still cover every path: several slot splits and one, one query
+row and many (several row blocks), padded head dims, permuted queries, a row with no valid slot and the variant
+without weights, in fp32 and fp16, and int8 slots with per-slot scales (quantized caches). The interpreter computes
+bf16 dots wrongly (Triton 3.9), so bf16 is checked on the GPU only (`benchmarks/attention_kernel.py`). A second test
+checks what Inductor and AOTInductor receive on CUDA: the kernels, not an opaque op.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import hae_fx  # noqa: F401  (registers the ops)
+from hae_fx.kv_quant import dequantize_rows, quantize_rows
 from hae_fx.ops.slot_attention import attend_slots, uses_fused_kernel
 
 pytest.importorskip("triton")
@@ -33,6 +34,8 @@ CASES = [
     (2, 6, 2, 3, 50, 24, "float32", "permuted", {}),  # head dim padded to 32
     (2, 4, 2, 1, 100, 16, "float32", "no_valid_slot", {}),
     (2, 4, 2, 1, 100, 16, "float16", "", {}),
+    (1, 4, 2, 1, 100, 16, "float32", "int8", {}),  # int8 slots, 4 splits
+    (2, 8, 2, 3, 50, 24, "float16", "int8", {"splits": 1}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 
@@ -45,14 +48,14 @@ _CHILD = textwrap.dedent("""
 
     cases = torch.load(sys.argv[1])
     results = []
-    for (q, k, v, slot_pos, scale), overrides in cases:
+    for (q, k, v, slot_pos, scale, *slot_scales), overrides in cases:
         if overrides:
             with set_wrap_triton_enabled(False):
-                weighted = launch_slot_attention(q, k, v, slot_pos, scale, True, **overrides)
-                plain = launch_slot_attention(q, k, v, slot_pos, scale, False, **overrides)
+                weighted = launch_slot_attention(q, k, v, slot_pos, scale, True, *slot_scales, **overrides)
+                plain = launch_slot_attention(q, k, v, slot_pos, scale, False, *slot_scales, **overrides)
         else:
-            weighted = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, True)
-            plain = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, False)
+            weighted = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, True, *slot_scales)
+            plain = torch.ops.hae.slot_attention_fused(q, k, v, slot_pos, scale, False, *slot_scales)
         results.append((weighted, plain))
     torch.save(results, sys.argv[2])
 """)
@@ -69,6 +72,9 @@ def _inputs(batch, q_heads, kv_heads, q_len, capacity, head_dim, dtype, variant,
     slot_pos[torch.rand(batch, capacity, generator=generator) < 0.3] = -1
     if variant == "no_valid_slot":
         slot_pos[0] = -1
+    if variant == "int8":
+        (k, k_scale), (v, v_scale) = quantize_rows(k, torch.int8), quantize_rows(v, torch.int8)
+        return q, k, v, slot_pos, head_dim ** -0.5, k_scale, v_scale
     return q, k, v, slot_pos, head_dim ** -0.5
 
 
@@ -86,8 +92,10 @@ def test_kernel_matches_reference_in_triton_interpreter(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
 
-    for case, ((q, k, v, slot_pos, scale), _), ((out, weight), (plain, no_weight)) in zip(
+    for case, ((q, k, v, slot_pos, scale, *slot_scales), _), ((out, weight), (plain, no_weight)) in zip(
             CASES, cases, results, strict=True):
+        if slot_scales:  # the reference over the dequantized slots
+            k, v = (dequantize_rows(x, s, torch.float64) for x, s in zip((k, v), slot_scales, strict=True))
         ref_out, ref_weight = attend_slots(q.double(), k.double(), v.double(), slot_pos, scale)
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), case
         assert weight.shape == slot_pos.shape and weight.dtype == torch.float32, case
@@ -100,7 +108,7 @@ def test_kernel_matches_reference_in_triton_interpreter(tmp_path):
             assert torch.all(weight[slot_pos < 0] == 0), case
 
 
-def _traced_ops(model: torch.nn.Module, *, export_switch: bool) -> set[str]:
+def _traced_ops(model: torch.nn.Module, *, export_switch: bool, slot_dtype: torch.dtype = torch.bfloat16) -> set[str]:
     """The call targets of `model`'s graph as AOTInductor traces it (or, with `export_switch`, as torch.export
     does), for fake CUDA tensors: no GPU is needed to trace."""
     from torch._functorch.aot_autograd import aot_export_module
@@ -110,9 +118,11 @@ def _traced_ops(model: torch.nn.Module, *, export_switch: bool) -> set[str]:
 
     with FakeTensorMode():
         args = (torch.empty(2, 4, 1, 16, device="cuda", dtype=torch.bfloat16),
-                torch.empty(2, 2, 100, 16, device="cuda", dtype=torch.bfloat16),
-                torch.empty(2, 2, 100, 16, device="cuda", dtype=torch.bfloat16),
+                torch.empty(2, 2, 100, 16, device="cuda", dtype=slot_dtype),
+                torch.empty(2, 2, 100, 16, device="cuda", dtype=slot_dtype),
                 torch.empty(2, 100, dtype=torch.long, device="cuda"))
+        if slot_dtype == torch.int8:
+            args += (torch.empty(2, 2, 100, 1, device="cuda"), torch.empty(2, 2, 100, 1, device="cuda"))
         if export_switch:
             with _disable_custom_triton_op_functional_decomposition():
                 graph, _ = aot_export_module(torch.fx.symbolic_trace(model), args, trace_joint=False)
@@ -126,6 +136,19 @@ class _Attention(torch.nn.Module):
     def forward(self, q, k_cache, v_cache, slot_pos):
         out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)
         return out, slot_weight, torch.ops.hae.slot_attention_no_weight(q, k_cache, v_cache, slot_pos, 0.25)
+
+
+class _QuantizedAttention(torch.nn.Module):
+    def forward(self, q, k_cache, v_cache, slot_pos, k_scale, v_scale):
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
+        out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25, **scales)
+        return out, slot_weight, torch.ops.hae.slot_attention_no_weight(q, k_cache, v_cache, slot_pos, 0.25, **scales)
+
+
+def test_int8_slots_trace_into_the_kernels_on_cuda():
+    compiled = _traced_ops(_QuantizedAttention(), export_switch=False, slot_dtype=torch.int8)
+    assert "triton_kernel_wrapper_functional" in compiled
+    assert not any(target.startswith("hae.") for target in compiled), compiled
 
 
 def test_cuda_graphs_trace_into_the_kernels_and_export_keeps_the_op():

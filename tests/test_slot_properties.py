@@ -92,7 +92,7 @@ def _run(policy_name, scenario):
     keys = [torch.randn(batch, HEADS, width, HEAD_DIM, generator=generator) for _ in layers]
     plan_prefill(queries, keys, [HEAD_DIM ** -0.5] * len(layers), [0] * len(layers), [0] * len(layers),
                  [None] * len(layers), token_pos,
-                 modality, **slots.plan_arguments(), kept_len=kept_len, config=config.key())
+                 modality, **slots.plan_arguments(), kept=torch.empty(0, kept_len), config=config.key())
     _check(policy, slots, list(lengths), config.sinks, config.window, "prefill")
 
     for step in range(1, steps + 1):

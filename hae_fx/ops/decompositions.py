@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch._inductor import decomposition as inductor_decomposition
 
+from hae_fx.kv_quant import dequantize_rows
 from hae_fx.ops.prefill_plan import plan_prefill
 from hae_fx.ops.slot_attention import run_slot_attention
 from hae_fx.ops.slot_write import write_prefix, write_slots
@@ -23,12 +24,12 @@ def register_inductor_decompositions() -> None:
         return
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_write_.default)
-    def _slot_write(k_cache, v_cache, k, v, slot):
-        write_slots(k_cache, v_cache, k, v, slot)
+    def _slot_write(k_cache, v_cache, k, v, slot, k_scale=None, v_scale=None):
+        write_slots(k_cache, v_cache, k, v, slot, k_scale, v_scale)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_write_.default)
-    def _prefill_write(k_cache, v_cache, k, v, keep, kept):
-        write_prefix(k_cache, v_cache, k, v, keep, kept)
+    def _prefill_write(k_cache, v_cache, k, v, keep, kept, k_scale=None, v_scale=None):
+        write_prefix(k_cache, v_cache, k, v, keep, kept, k_scale, v_scale)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_plan_.default)
     def _prefill_plan(*args, **kwargs):
@@ -37,12 +38,18 @@ def register_inductor_decompositions() -> None:
     # On CUDA, functionalization has normally traced these ops into the Triton kernels before this table is read
     # (slot_attention.py); where it has not, the Triton op stays one extern call
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention.default)
-    def _slot_attention(q, k_cache, v_cache, slot_pos, scale):
-        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True)
+    def _slot_attention(q, k_cache, v_cache, slot_pos, scale, k_scale=None, v_scale=None):
+        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True, k_scale=k_scale,
+                                  v_scale=v_scale)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_attention_no_weight.default)
-    def _slot_attention_no_weight(q, k_cache, v_cache, slot_pos, scale):
-        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False)[0]
+    def _slot_attention_no_weight(q, k_cache, v_cache, slot_pos, scale, k_scale=None, v_scale=None):
+        return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False, k_scale=k_scale,
+                                  v_scale=v_scale)[0]
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.dequantize_slots.default)
+    def _dequantize_slots(cache, scales, dtype):
+        return dequantize_rows(cache, scales, dtype)
 
     inductor_decomposition.fast_random_decomps.cache_clear()
     _registered = True

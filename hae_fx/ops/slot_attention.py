@@ -8,6 +8,10 @@ Slots hold tokens in whatever order eviction left them, so validity comes from t
 On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`): eagerly, and under
 Inductor and AOTInductor traced into its kernels; elsewhere, and for shapes the kernel does not take, they run
 `attend_slots`.
+
+Quantized caches (`PolicyConfig.kv_dtype`) pass 8-bit `k_cache`, `v_cache` with their per-slot scales `k_scale`,
+`v_scale` (`[B, Hkv, C, 1]` fp32): the reference dequantizes them, the kernel folds the scales into the logits
+and probabilities (`hae_fx.kv_quant` says why that is exact).
 """
 
 from __future__ import annotations
@@ -17,62 +21,83 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.export._trace import custom_triton_ops_decomposition_disabled
 
+from hae_fx.kv_quant import dequantize_rows
+
 #: what the fused kernel takes: these dtypes, head dims up to this
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_HEAD_DIM = 256
+#: quantized slot dtypes the fused kernel reads (with scales)
+FUSED_QUANTIZED_DTYPES = (torch.int8,)
+
+
+def _as_query_dtype(cache: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return cache.to(dtype) if scales is None else dequantize_rows(cache, scales, dtype)
 
 
 def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference math shared by the eager implementation and the Inductor decomposition."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
     grouped_q = q.reshape(batch, kv_heads, group * q_len, head_dim)
-    logits = torch.matmul(grouped_q, k_cache.to(q.dtype).transpose(-1, -2)).to(torch.float32) * scale
+    keys = _as_query_dtype(k_cache, k_scale, q.dtype)
+    logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).to(torch.float32) * scale
     valid = (slot_pos >= 0).view(batch, 1, 1, capacity)
     logits = logits.masked_fill(~valid, torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs.to(q.dtype), v_cache.to(q.dtype))
+    out = torch.matmul(probs.to(q.dtype), _as_query_dtype(v_cache, v_scale, q.dtype))
     out = out.reshape(batch, q_heads, q_len, head_dim)
     slot_weight = probs.sum(dim=2).sum(dim=1) / q_heads
     return out, slot_weight
 
 
-def uses_fused_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+def _fused_slot_dtype(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    return cache.dtype in (FUSED_DTYPES if scales is None else FUSED_QUANTIZED_DTYPES)
+
+
+def uses_fused_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> bool:
     """Whether `run_slot_attention` takes the Triton kernel: CUDA tensors, static shapes (a symbolic size would
     specialise the launch grid; such graphs keep the reference math), supported dtype and head dim."""
     return (q.device.type == "cuda" and hasattr(torch.ops.hae, "slot_attention_fused")
             and all(isinstance(n, int) for n in (*q.shape, *k_cache.shape))
-            and q.dtype in FUSED_DTYPES and k_cache.dtype in FUSED_DTYPES and v_cache.dtype in FUSED_DTYPES
+            and q.dtype in FUSED_DTYPES and _fused_slot_dtype(k_cache, k_scale) and _fused_slot_dtype(v_cache, v_scale)
             and q.shape[-1] <= FUSED_MAX_HEAD_DIM)
 
 
 def run_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                       scale: float, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       scale: float, need_weight: bool, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both ops' implementation and decomposition: the fused kernel where it applies, else the reference.
     Returns `(out contiguous, slot_weight or None)`."""
-    if uses_fused_kernel(q, k_cache, v_cache):
-        out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale, need_weight)
+    if uses_fused_kernel(q, k_cache, v_cache, k_scale, v_scale):
+        out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale, need_weight,
+                                                              k_scale, v_scale)
         return out, slot_weight if need_weight else None
-    out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale)
+    out, slot_weight = attend_slots(q, k_cache, v_cache, slot_pos, scale, k_scale, v_scale)
     return out.contiguous(), slot_weight if need_weight else None
 
 
 @torch.library.custom_op("hae::slot_attention", mutates_args=())
 def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked attention of `q` (`[B, Hq, T, D]`) over the valid slots of `k_cache`, `v_cache` (`[B, Hkv, C, D]`).
+                   scale: float, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention of `q` (`[B, Hq, T, D]`) over the valid slots of `k_cache`, `v_cache` (`[B, Hkv, C, D]`;
+    8-bit with their scales `k_scale`, `v_scale` for a quantized cache).
 
     Grouped-query attention is handled here (`Hq` a multiple of `Hkv`), so callers pass the cache itself, not a
     head-repeated copy. Returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] float32)`.
     """
-    return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True)
+    return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True, k_scale=k_scale,
+                              v_scale=v_scale)
 
 
 @slot_attention.register_fake
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+      scale: float, k_scale: torch.Tensor | None = None,
+      v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     out = q.new_empty(q.shape)  # contiguous, like the reference
     slot_weight = q.new_empty((q.shape[0], k_cache.shape[2]), dtype=torch.float32)
     return out, slot_weight
@@ -80,16 +105,18 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: t
 
 @torch.library.custom_op("hae::slot_attention_no_weight", mutates_args=())
 def slot_attention_no_weight(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                             scale: float) -> torch.Tensor:
+                             scale: float, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`hae::slot_attention`'s first output alone. Its own op because a fused kernel cannot drop an unused
     output the way Inductor drops unused reference math: the kernel then skips the logits and weight pass."""
-    out, _ = run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False)
+    out, _ = run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=False, k_scale=k_scale,
+                                v_scale=v_scale)
     return out
 
 
 @slot_attention_no_weight.register_fake
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-      scale: float) -> torch.Tensor:
+      scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
@@ -107,11 +134,12 @@ def _trace_into_fused_kernel(need_weight: bool):
             return NotImplemented
         bound = dict(zip((a.name for a in op._schema.arguments), args, strict=False), **kwargs)
         q, k_cache, v_cache, slot_pos, scale = (bound[n] for n in ("q", "k_cache", "v_cache", "slot_pos", "scale"))
-        if custom_triton_ops_decomposition_disabled() or not uses_fused_kernel(q, k_cache, v_cache):
+        k_scale, v_scale = bound.get("k_scale"), bound.get("v_scale")
+        if custom_triton_ops_decomposition_disabled() or not uses_fused_kernel(q, k_cache, v_cache, k_scale, v_scale):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             out, slot_weight = torch.ops.hae.slot_attention_fused(q, k_cache, v_cache, slot_pos, scale,
-                                                                  need_weight)
+                                                                  need_weight, k_scale, v_scale)
         return (out, slot_weight) if need_weight else out
     return rule
 

@@ -28,6 +28,11 @@ buffer is padded to a multiple of 64 slots so its rows start 256-byte aligned.
 
 Precision: K/V are cast to the query's dtype (as the reference does), products accumulate in fp32, fp32
 inputs use IEEE fp32 dots (not tf32).
+
+Quantized slots (int8 with one fp32 scale per slot and KV head, `hae_fx.kv_quant`): the tiles are read as int8
+(half the bytes of bf16) and cast to the query's dtype, exact for |q| <= 127; the key scales multiply the logits
+of their slots and the value scales the probabilities before the second product, so no dequantized tile exists.
+Row sums and the per-slot weights use the unscaled probabilities, as with float slots.
 """
 
 from __future__ import annotations
@@ -60,11 +65,14 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_ptr, logit_ptr, row_ml_ptr,
+                  ks_ptr, vs_ptr,
                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kc, stride_kd,
                   stride_vb, stride_vh, stride_vc, stride_vd, stride_pb, stride_pc,
+                  stride_ksb, stride_ksh, stride_ksc, stride_vsb, stride_vsh, stride_vsc,
                   scale_log2, kv_heads, capacity, logit_stride, q_len, rows, slots_per_split,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                  SPLITS: tl.constexpr, NEED_WEIGHT: tl.constexpr, IEEE_DOT: tl.constexpr):
+                  SPLITS: tl.constexpr, NEED_WEIGHT: tl.constexpr, IEEE_DOT: tl.constexpr,
+                  SCALED: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -99,6 +107,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_p
         else:
             s = tl.dot(q, tl.trans(k))
         s = (s * scale_log2).to(tl.float32)  # Inductor passes Python floats as fp64 scalars
+        if SCALED:
+            k_scale = tl.load(ks_ptr + b * stride_ksb + kv_head * stride_ksh + c * stride_ksc, mask=c_ok, other=0.0)
+            s = s * k_scale[None, :]
         pos = tl.load(pos_ptr + b * stride_pb + c * stride_pc, mask=c_ok, other=-1)
         s = tl.where((pos >= 0)[None, :], s, FREE_SLOT_LOGIT)
         s = tl.where(c_ok[None, :], s, float("-inf"))
@@ -110,10 +121,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_p
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + c[:, None] * stride_vc + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(q.dtype)
+        p_v = p
+        if SCALED:
+            v_scale = tl.load(vs_ptr + b * stride_vsb + kv_head * stride_vsh + c * stride_vsc, mask=c_ok, other=0.0)
+            p_v = p * v_scale[None, :]
         if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            pv = tl.dot(p_v.to(v.dtype), v, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(p_v.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -192,11 +207,16 @@ def split_count(programs: int, capacity: int, device: torch.device, block_c: int
 
 
 def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                          scale: float, need_weight: bool, *, splits: int | None = None,
+                          scale: float, need_weight: bool, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None, *, splits: int | None = None,
                           block_c: int = BLOCK_C, num_warps: int = 4,
                           num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the kernels; returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] fp32, or [B, 0] without
-    weights)`. Keyword arguments override the launch heuristics (tests and the kernel benchmark use them)."""
+    weights)`. `k_scale`, `v_scale` (`[B, Hkv, C, 1]` fp32) go with int8 slots. Keyword-only arguments override
+    the launch heuristics (tests and the kernel benchmark use them)."""
+    scaled = k_scale is not None
+    if scaled != (v_scale is not None):
+        raise ValueError("slot attention takes key and value scales together")
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     rows = (q_heads // kv_heads) * q_len
@@ -220,12 +240,16 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     part_acc = _scratch((part_rows, splits, head_dim), q.device)
     part_ml = _scratch((part_rows, splits, 2), q.device)
 
+    # unscaled slots pass a stand-in the SCALED=False kernel never reads
+    k_scales = k_scale if scaled else part_ml
+    v_scales = v_scale if scaled else part_ml
+    scale_strides = (*k_scale.stride()[:3], *v_scale.stride()[:3]) if scaled else (0,) * 6
     wrap_triton(_split_kernel)[(batch * kv_heads, row_blocks, splits)](
-        q, k_cache, v_cache, slot_pos, out, part_acc, part_ml, logits, row_ml,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(),
+        q, k_cache, v_cache, slot_pos, out, part_acc, part_ml, logits, row_ml, k_scales, v_scales,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(), *scale_strides,
         scale * LOG2E, kv_heads, capacity, logit_stride, q_len, rows, slots_per_split,
         D=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c, SPLITS=splits, NEED_WEIGHT=need_weight,
-        IEEE_DOT=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE_DOT=q.dtype == torch.float32, SCALED=scaled, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         wrap_triton(_combine_kernel)[(flat_rows,)](
             part_acc, part_ml, out, row_ml, D=head_dim, BLOCK_D=block_d, SPLITS=splits,
@@ -241,7 +265,8 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 @triton_op("hae::slot_attention_fused", mutates_args=())
 def slot_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
-                         scale: float, need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float, need_weight: bool, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`hae::slot_attention` (and, with `need_weight=False`, `hae::slot_attention_no_weight`) in one streaming
     pass over the slots. The second output is `[B, C]` fp32 with weights, `[B, 0]` without."""
-    return launch_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight)
+    return launch_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight, k_scale, v_scale)
