@@ -126,7 +126,9 @@ class HAECache(Cache):
         self.plan_emitted_at = max(self.plan_layers, default=0)
         self.pruned_after = self.policy.pruned_after()
         self.config_key = config.key()  # computed here: JSON encoding cannot be traced
-        self._plan_keys: dict[int, torch.Tensor] = {}  # prompt keys of `plan_layers`, while prefill is traced
+        self._plan_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt K/V of `plan_layers`, traced
+        self.last_global_layer = max(global_layers, default=None)
+        self._step_values: list[torch.Tensor] = []  # a decode step's new global-layer values, while traced
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
         self.prompt_pos: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
@@ -295,7 +297,7 @@ class HAECache(Cache):
         layer = self.layers[layer_idx]
         pruned = self.pruned_after is not None and layer_idx > self.pruned_after
         if layer_idx in self.plan_layers:
-            self._plan_keys[layer_idx] = key_states
+            self._plan_keys[layer_idx] = (key_states, value_states)
         if layer_idx == self.plan_emitted_at:
             self._emit_prefill_plan()
         if layer.kind.windowed:
@@ -324,9 +326,10 @@ class HAECache(Cache):
     def _emit_prefill_plan(self) -> None:
         """Emit `hae::prefill_plan_` with the keys of the layers the policy reads and no queries: the backend's
         plan pass wires in those layers' attention queries and scales and moves the node after the last of them."""
-        keys = [self._plan_keys[layer] for layer in self.plan_layers]
+        keys = [self._plan_keys[layer][0] for layer in self.plan_layers]
+        values = [self._plan_keys[layer][1] for layer in self.plan_layers]
         self._plan_keys = {}
-        torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+        torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, values=values, scales=[0.0] * len(keys),
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(), kept_len=self.prefill_kept_len,
                                     config=self.config_key)
@@ -337,6 +340,11 @@ class HAECache(Cache):
         layer = self.layers[layer_idx]
         slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else self.slots.step_slot
         torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1))
+        if not layer.kind.windowed:
+            self._step_values.append(value_states)
+        if layer_idx == self.last_global_layer:
+            values, self._step_values = self._step_values, []
+            self.policy.after_decode_write(self.slots.state(), self.slots.step_slot, values)
         return layer.keys, layer.values
 
     def _plan_decode_step(self) -> None:

@@ -8,7 +8,7 @@ All layers share one set of slot metadata, because policies broadcast one index 
 - `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position);
 - `step_slot [B]` int64: the slot the current decode step's token takes;
 - `prefill_keep [B, C]` int64: the prompt index each slot takes at prefill;
-- the policy's own `[B, C]` buffers (`Policy.extra_buffers`), e.g. `hae`'s `in_bin`.
+- the policy's own `[B, C, ...]` buffers (`Policy.extra_buffers`), e.g. `hae`'s `in_bin`.
 
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs read
 them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use to
@@ -69,11 +69,11 @@ class SlotBuffers:
             shape = (batch,) if name in PER_SEQUENCE else (batch, capacity)
             tensor = torch.full(shape, fill, dtype=dtype, device=device)
             self.core[name] = static_buffer(tensor, CacheRole(name, config=config))
-        self.extras: dict[str, torch.Tensor] = {
-            name: static_buffer(torch.zeros(batch, capacity, dtype=dtype, device=device),
-                                CacheRole("extra", config=config, name=name))
-            for name, dtype in policy.extra_buffers().items()
-        }
+        self.extras: dict[str, torch.Tensor] = {}
+        for name, spec in policy.extra_buffers().items():
+            dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
+            tensor = torch.zeros(batch, capacity, *trailing, dtype=dtype, device=device)
+            self.extras[name] = static_buffer(tensor, CacheRole("extra", config=config, name=name))
 
     @property
     def slot_pos(self) -> torch.Tensor:

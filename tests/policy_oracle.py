@@ -27,7 +27,10 @@ class Rule(Protocol):
     attention; `visual[j]` says whether prompt token `j` is an image token; `seen` is the new token's position.
 
     A rule with a `prune_after` layer index decides right after that layer's attention, from layers
-    `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning)."""
+    `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning).
+    A rule with `per_head = True` gets each layer's `[H, T, T]` prompt attention, not its head mean; a rule with an
+    `observe_values(values)` method gets, before its prefill and after every decode step, each layer's cached values
+    `[Hkv, n, D]` of every position so far."""
 
     def prefill(self, attention: list[torch.Tensor], visual: list[bool], capacity: int) -> dict[int, float]:
         """The kept positions and the score each starts with."""
@@ -60,6 +63,7 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     out, scores = _prefill(model, input_ids, inputs.get("pixel_values"), cache, rule, visual, capacity)
     assert len(scores) == min(prompt_len, capacity)
     kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
+    observe_values = getattr(rule, "observe_values", None)
     for step in range(1, new_tokens):
         position = prompt_len + step - 1
         if len(scores) >= capacity:
@@ -72,10 +76,16 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
             out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, attention_mask=mask,
                         position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
         rows = torch.stack([_mean_heads(w)[-1] for w in out.attentions]).mean(dim=0)
+        if observe_values is not None:
+            observe_values(_cached_values(cache))
         rule.attended(scores, rows.tolist())
         logits.append(out.logits[0, -1])
         tokens.append(int(out.logits[0, -1].argmax()))
     return OracleRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
+
+
+def _cached_values(cache: DynamicCache) -> list[torch.Tensor]:
+    return [layer.values[0].float() for layer in cache.layers]
 
 
 def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[bool], capacity: int):
@@ -86,8 +96,10 @@ def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[boo
     decided: dict[str, dict[int, float]] = {}
     captured: list[torch.Tensor] = []
 
+    per_head = getattr(rule, "per_head", False)
+
     def capture(module, args, output) -> None:
-        captured.append(_mean_heads(output[1]))
+        captured.append(output[1][0].float() if per_head else _mean_heads(output[1]))
         if len(captured) - 1 == prune_after:
             decided["scores"] = rule.prefill(captured, visual, capacity)
 
@@ -110,7 +122,11 @@ def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[boo
     finally:
         for handle in handles:
             handle.remove()
-    return out, decided["scores"] if prune_after is not None else rule.prefill(captured, visual, capacity)
+    if prune_after is not None:
+        return out, decided["scores"]
+    if hasattr(rule, "observe_values"):
+        rule.observe_values(_cached_values(cache))
+    return out, rule.prefill(captured, visual, capacity)
 
 
 def lowest(scores: dict[int, float], candidates: list[int]) -> int:

@@ -19,19 +19,22 @@ from hae_fx.policies import policy_from_key
 from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
 
 
-def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float) -> torch.Tensor:
+def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor,
+                   scale: float | torch.Tensor) -> torch.Tensor:
     """`[B, T, T]` softmax attention (query, key) averaged over query heads, causal over each sequence's real
     tokens, in float32 (policies compare shares of order 1e-3 against thresholds).
 
     Args:
         query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
         token_pos: `[B, T]` logical positions, -1 for padding.
+        scale: the softmax scale, or `[B, T]`, one per query row (`Policy.prefill_score_scale`).
     """
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.to(torch.float32).reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
-    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
+    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2))
     logits = logits.view(batch, q_heads, length, length)
+    logits = logits * (scale.view(batch, 1, length, 1) if isinstance(scale, torch.Tensor) else scale)
     valid = token_pos >= 0
     causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
     logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
@@ -40,26 +43,26 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
 
 @torch.library.custom_op("hae::prefill_plan_",
                          mutates_args=("slot_pos", "score", "modality", "seen", "prefill_keep", "extras"))
-def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], scales: list[float],
-                  token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
-                  modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
-                  kept_len: int, config: str) -> None:
+def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], values: list[torch.Tensor],
+                  scales: list[float], token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor,
+                  score: torch.Tensor, modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor,
+                  extras: list[torch.Tensor], kept_len: int, config: str) -> None:
     """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
 
-    `queries`/`keys`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`, keys
-    `[B, Hkv, T, D]` (after RoPE) and softmax scale. `config`: the policy config's key."""
-    plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
-                 extras, kept_len, config)
+    `queries`/`keys`/`values`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`,
+    keys (after RoPE) and values `[B, Hkv, T, D]`, and softmax scale. `config`: the policy config's key."""
+    plan_prefill(queries, keys, values, scales, token_pos, token_modality, slot_pos, score, modality, seen,
+                 prefill_keep, extras, kept_len, config)
 
 
 @prefill_plan_.register_fake
-def _(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep, extras,
+def _(queries, keys, values, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep, extras,
       kept_len, config) -> None:
     return None
 
 
-def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, score, modality, seen, prefill_keep,
-                 extras, kept_len, config) -> None:
+def plan_prefill(queries, keys, values, scales, token_pos, token_modality, slot_pos, score, modality, seen,
+                 prefill_keep, extras, kept_len, config) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
     The policy ranks the prompt tokens; the `kept_len` highest (equal priorities: the lower position first) go to
@@ -76,9 +79,11 @@ def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, sco
     extra_names = list(policy.extra_buffers())
     state = SlotState(slot_pos=slot_pos, score=score, modality=modality, seen=seen,
                       extras=dict(zip(extra_names, extras, strict=True)))
-    prompt = Prompt(token_pos=token_pos, modality=token_modality)
-    attention = [mean_attention(q, k, token_pos, scale) for q, k, scale in zip(queries, keys, scales, strict=True)]
-    priority, token_score = policy.prefill_priority(prompt, attention)
+    prompt = Prompt(token_pos=token_pos, modality=token_modality, values=tuple(values))
+    row_scales = [policy.prefill_score_scale(prompt, k.shape[-1]) for k in keys]
+    attention = [mean_attention(q, k, token_pos, scale if row_scale is None else row_scale)
+                 for q, k, scale, row_scale in zip(queries, keys, scales, row_scales, strict=True)]
+    priority, token_score, *initial = policy.prefill_priority(prompt, attention)
 
     # highest first, ties to the lower index (so the lower position): a stable sort, where topk's order is unspecified
     ranked_priority, ranked = priority.sort(dim=-1, descending=True, stable=True)
@@ -93,5 +98,10 @@ def plan_prefill(queries, keys, scales, token_pos, token_modality, slot_pos, sco
     fill_prefix(slot_pos, kept_pos, -1)
     fill_prefix(modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(modality.dtype), 0)
     fill_prefix(score, torch.where(kept, token_score.gather(1, keep), 0.0), 0)
+    for name, per_token in (initial[0] if initial else {}).items():
+        trailing = per_token.shape[2:]
+        index = keep.view(*keep.shape, *[1] * len(trailing)).expand(*keep.shape, *trailing)
+        kept_here = kept.view(*kept.shape, *[1] * len(trailing))
+        fill_prefix(state.extras[name], torch.where(kept_here, per_token.gather(1, index), 0), 0)
     policy.after_prefill(state, rank=order, kept=kept)
     seen.copy_(prompt.seen.squeeze(-1))

@@ -51,10 +51,12 @@ class SlotState:
 @dataclass(frozen=True)
 class Prompt:
     """A prompt's metadata, as prefill policies see it: `token_pos` (`[B, T]` logical positions, -1 for padding)
-    and `modality` (`[B, T]` `TEXT`/`VISUAL`)."""
+    and `modality` (`[B, T]` `TEXT`/`VISUAL`), with the values of the layers the policy reads."""
 
     token_pos: torch.Tensor
     modality: torch.Tensor
+    #: per layer of `Policy.prefill_layers`, its prompt values `[B, Hkv, T, D]` (for priors on value norms)
+    values: tuple[torch.Tensor, ...] = ()
 
     @property
     def valid(self) -> torch.Tensor:
@@ -131,9 +133,10 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         """Raise `HAEConfigError` if the config cannot work with a text decoder of `num_layers` layers."""
 
-    def extra_buffers(self) -> dict[str, torch.dtype]:
-        """The policy's own per-slot `[B, C]` buffers, by name and dtype. The core allocates them (zeroed), resets
-        them, zeroes a slot's entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
+    def extra_buffers(self) -> dict[str, torch.dtype | tuple[torch.dtype, tuple[int, ...]]]:
+        """The policy's own per-slot buffers, by name: a dtype for a `[B, C]` buffer, or `(dtype, trailing)` for a
+        `[B, C, *trailing]` one (a per-slot history). The core allocates them (zeroed), resets them, zeroes a slot's
+        entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
         """
         return {}
 
@@ -169,8 +172,14 @@ class Policy:
         """
         return min(prompt_len, self.config.capacity)
 
+    def prefill_score_scale(self, prompt: Prompt, head_dim: int) -> torch.Tensor | None:
+        """`[B, T]` softmax scale of each prompt query row in the attention `prefill_priority` reads, in place of
+        the model's own (a temperature for scoring only: the model's attention is unchanged); None keeps the
+        model's."""
+        return None
+
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
         """Priority and initial score of each prompt token.
 
         Args:
@@ -181,7 +190,9 @@ class Policy:
         Returns:
             `(priority, score)`, both `[B, T]` floating point (`score` float32): the `prefill_kept_len` highest
             priorities are kept (padding
-            must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with.
+            must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with. A third
+            item, optional, maps names of `extra_buffers` to per-token initial values `[B, T, *trailing]`: the core
+            writes the kept tokens' values into those buffers.
         """
         raise NotImplementedError
 
@@ -206,3 +217,8 @@ class Policy:
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         """`[B]` int64 slot a new token overwrites when every slot is occupied."""
         raise NotImplementedError
+
+    def after_decode_write(self, state: SlotState, slot: torch.Tensor, values: Sequence[torch.Tensor]) -> None:
+        """Called once per decode step, after the last global layer wrote the new token to slot `slot` (`[B]`),
+        with every global layer's new values (`[B, Hkv, 1, D]` each): for per-slot state derived from them. Cache
+        buffers are read by hae ops only, so this is where a policy sees values at decode."""
