@@ -133,6 +133,12 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         """Raise `HAEConfigError` if the config cannot work with a text decoder of `num_layers` layers."""
 
+    def layer_capacities(self, global_layers: Sequence[int]) -> list[int] | None:
+        """Slots of each of `global_layers`, for a policy whose layers keep budgets of their own (PyramidKV); each
+        layer then has its own slot metadata and K/V buffers of its own size. None (the default): every layer keeps
+        `capacity` slots and one shared index set."""
+        return None
+
     def extra_buffers(self) -> dict[str, torch.dtype | tuple[torch.dtype, tuple[int, ...]]]:
         """The policy's own per-slot buffers, by name: a dtype for a `[B, C]` buffer, or `(dtype, trailing)` for a
         `[B, C, *trailing]` one (a per-slot history). The core allocates them (zeroed), resets them, zeroes a slot's
