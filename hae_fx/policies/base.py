@@ -117,10 +117,14 @@ class Policy:
         name: the `policy` name of `config_class`.
         config_class: the policy's frozen config dataclass.
         evicts: whether the policy ever drops a token. Non-evicting policies need capacity for every token.
+        decode_needs_own_prefill: see below.
     """
 
     config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
     evicts: ClassVar[bool] = True
+    #: whether the decode hooks read per-slot state that only this policy's own prefill initialises (such a policy
+    #: cannot be the decode half of a composed policy)
+    decode_needs_own_prefill: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
