@@ -353,7 +353,11 @@ class HAECache(Cache):
             torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots)
             return key_states, value_states
         prefill_keep = self.slots.groups[group].core["prefill_keep"]
-        torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, prefill_keep, kept)
+        if self.policy.merges_evicted:
+            torch.ops.hae.prefill_merge_write_(layer.keys, layer.values, key_states, value_states, prefill_keep, kept,
+                                               self.prompt_pos)
+        else:
+            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, prefill_keep, kept)
         return key_states, value_states
 
     def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:

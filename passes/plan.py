@@ -105,7 +105,7 @@ def _place_one_plan(graph: fx.Graph, plan: fx.Node, group: int, roles: dict[fx.N
 def _prefill_writes(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, fx.Node]:
     writes: dict[int, fx.Node] = {}
     for node in graph.nodes:
-        if calls_op(node, torch.ops.hae.prefill_write_):
+        if calls_op(node, torch.ops.hae.prefill_write_) or calls_op(node, torch.ops.hae.prefill_merge_write_):
             role = roles.get(node.args[0])
             if role is None or role.kind != "keys":
                 raise HAESiteError(f"{node.format_node()} does not write an HAECache key buffer")

@@ -30,7 +30,8 @@ class Rule(Protocol):
     `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning).
     A rule with `per_head = True` gets each layer's `[H, T, T]` prompt attention, not its head mean; a rule with an
     `observe_values(values)` method gets, before its prefill and after every decode step, each layer's cached values
-    `[Hkv, n, D]` of every position so far."""
+    `[Hkv, n, D]` of every position so far; a rule with a `merge(keys, values, kept)` method may rewrite each layer's
+    cached `[Hkv, T, D]` prompt keys and values in place once it has chosen the `kept` positions."""
 
     def prefill(self, attention: list[torch.Tensor], visual: list[bool], capacity: int) -> dict[int, float]:
         """The kept positions and the score each starts with."""
@@ -62,6 +63,9 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     cache = DynamicCache(config=model.config)
     out, scores = _prefill(model, input_ids, inputs.get("pixel_values"), cache, rule, visual, capacity)
     assert len(scores) == min(prompt_len, capacity)
+    if hasattr(rule, "merge"):
+        for layer in cache.layers:
+            rule.merge(layer.keys[0], layer.values[0], sorted(scores))
     kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
     observe_values = getattr(rule, "observe_values", None)
     for step in range(1, new_tokens):

@@ -1,4 +1,4 @@
-"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention`,
+"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_` (and `prefill_merge_write_`), `slot_attention`,
 `slot_attention_no_weight` and `prefill_plan_`, plus `slot_attention_fused`, the Triton kernel the two attention
 ops run on CUDA (registered only where the `triton` package is installed; without it they keep the reference).
 
@@ -15,6 +15,7 @@ Inductor caches its decomposition table (`hae_fx` imports it at import time).
 from torch.utils._triton import has_triton_package
 
 from hae_fx.ops.decompositions import register_inductor_decompositions
+from hae_fx.ops.merge_write import prefill_merge_write_
 from hae_fx.ops.prefill_plan import prefill_plan_
 from hae_fx.ops.slot_attention import slot_attention, slot_attention_no_weight
 from hae_fx.ops.slot_write import prefill_write_, slot_write_
@@ -24,4 +25,5 @@ if has_triton_package():
 
 register_inductor_decompositions()
 
-__all__ = ["prefill_plan_", "prefill_write_", "slot_attention", "slot_attention_no_weight", "slot_write_"]
+__all__ = ["prefill_merge_write_", "prefill_plan_", "prefill_write_", "slot_attention", "slot_attention_no_weight",
+           "slot_write_"]

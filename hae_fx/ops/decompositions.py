@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch._inductor import decomposition as inductor_decomposition
 
+from hae_fx.ops.merge_write import merge_prefix
 from hae_fx.ops.prefill_plan import plan_prefill
 from hae_fx.ops.slot_attention import run_slot_attention
 from hae_fx.ops.slot_write import write_prefix, write_slots
@@ -29,6 +30,10 @@ def register_inductor_decompositions() -> None:
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_write_.default)
     def _prefill_write(k_cache, v_cache, k, v, keep, kept_len):
         write_prefix(k_cache, v_cache, k, v, keep, kept_len)
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_merge_write_.default)
+    def _prefill_merge_write(k_cache, v_cache, k, v, keep, kept_len, token_pos):
+        merge_prefix(k_cache, v_cache, k, v, keep, kept_len, token_pos)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_plan_.default)
     def _prefill_plan(*args, **kwargs):

@@ -22,7 +22,7 @@ from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
 def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor,
                    scale: float | torch.Tensor) -> torch.Tensor:
     """`[B, T, T]` softmax attention (query, key) averaged over query heads, causal over each sequence's real
-    tokens, in float32 (policies compare shares of order 1e-3 against thresholds).
+    tokens (padding query rows are zero), in float32 (policies compare shares of order 1e-3 against thresholds).
 
     Args:
         query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
@@ -38,7 +38,9 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
     valid = token_pos >= 0
     causal = (token_pos.unsqueeze(1) <= token_pos.unsqueeze(2)) & valid.unsqueeze(1)
     logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    # a padding query attends to nothing: its row is zero (not the uniform row an all-masked softmax gives), so
+    # policies that sum over every query row count real queries only
+    return torch.softmax(logits, dim=-1).mean(dim=1) * valid.unsqueeze(-1)
 
 
 @torch.library.custom_op("hae::prefill_plan_",

@@ -117,7 +117,7 @@ class Policy:
         name: the `policy` name of `config_class`.
         config_class: the policy's frozen config dataclass.
         evicts: whether the policy ever drops a token. Non-evicting policies need capacity for every token.
-        decode_needs_own_prefill: see below.
+        decode_needs_own_prefill, merges_evicted: see below.
     """
 
     config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
@@ -125,6 +125,9 @@ class Policy:
     #: whether the decode hooks read per-slot state that only this policy's own prefill initialises (such a policy
     #: cannot be the decode half of a composed policy)
     decode_needs_own_prefill: ClassVar[bool] = False
+    #: whether each layer's prefill write merges the keys and values of the prompt tokens the plan drops into the
+    #: most similar kept ones (`hae::prefill_merge_write_`) instead of discarding them
+    merges_evicted: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config

@@ -83,6 +83,7 @@ class ComposedPolicy(Policy):
         self.prefill_half = policy_for(config.prefill)
         self.decode_half = policy_for(config.decode)
         self.evicts = self.prefill_half.evicts or self.decode_half.evicts
+        self.merges_evicted = self.prefill_half.merges_evicted
 
     # -- model and buffers: the decode half's state, the prefill half's layer layout -----------------------------
     def check_model(self, num_layers: int) -> None:
