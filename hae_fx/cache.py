@@ -2,7 +2,8 @@
 
 Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata, which
 `hae_fx.slots.SlotBuffers` owns (names, allocation, reset, the prefill plan's arguments), because policies
-broadcast one index set to every layer.
+broadcast one index set to every layer. A policy with per-layer capacities (`Policy.layer_capacities`) gets each
+global layer's buffers sized to its own capacity, with slot metadata of its own (a `SlotGroup` per layer).
 
 Sliding-window and chunked layers (`hae_fx.layer_kinds`) never need more than their span of keys: each holds a
 ring of `min(span, capacity)` slots instead, where the token at position `p` lives in slot `p % ring`, with its
@@ -30,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAECapacityError, HAEUnsupportedModelError
+from hae_fx.errors import HAECapacityError, HAEConfigError, HAEUnsupportedModelError
 from hae_fx.kv_quant import is_quantized, storage_dtype
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
@@ -51,12 +52,12 @@ class HAELayer(CacheLayerMixin):
 
     is_compileable = True
 
-    def __init__(self, cache: HAECache, layer_idx: int, kind: LayerKind) -> None:
+    def __init__(self, cache: HAECache, layer_idx: int, kind: LayerKind, capacity: int | None = None) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
         self.kind = kind
-        self.slots = kind.cache_slots(cache.capacity)
+        self.slots = kind.cache_slots(cache.capacity if capacity is None else capacity)
         self.ring_pos: torch.Tensor | None = None
         #: per-slot scales of quantized K/V (`PolicyConfig.kv_dtype`), None for unquantized slots
         self.key_scales: torch.Tensor | None = None
@@ -74,16 +75,17 @@ class HAELayer(CacheLayerMixin):
         shape = (batch, kv_heads, self.slots, head_dim)
         config = self.cache.config
         stored = storage_dtype(config.kv_dtype, dtype)
+        group = self.cache.layer_group[self.layer_idx]
         self.keys = static_buffer(torch.zeros(shape, dtype=stored, device=device),
-                                  CacheRole("keys", self.layer_idx, config))
+                                  CacheRole("keys", self.layer_idx, config, group=group))
         self.values = static_buffer(torch.zeros(shape, dtype=stored, device=device),
-                                    CacheRole("values", self.layer_idx, config))
+                                    CacheRole("values", self.layer_idx, config, group=group))
         if is_quantized(stored):
             scale_shape = (batch, kv_heads, self.slots, 1)
             self.key_scales = static_buffer(torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                                            CacheRole("key_scales", self.layer_idx, config))
+                                            CacheRole("key_scales", self.layer_idx, config, group=group))
             self.value_scales = static_buffer(torch.zeros(scale_shape, dtype=torch.float32, device=device),
-                                              CacheRole("value_scales", self.layer_idx, config))
+                                              CacheRole("value_scales", self.layer_idx, config, group=group))
         if self.kind.windowed:
             ring = torch.full((batch, self.slots), -1, dtype=torch.int64, device=device)
             self.ring_pos = static_buffer(ring, CacheRole("ring_pos", self.layer_idx, config))
@@ -114,8 +116,12 @@ class HAELayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Prefill attends over the fresh prompt keys under HF's own mask; decode's mask is rebuilt by
-        # hae::slot_attention from slot_pos (or ring_pos), so there the size only has to match the slots.
-        return (query_length, 0) if not self.cache.prefilled else (self.slots, 0)
+        # hae::slot_attention from slot_pos (or ring_pos), so there the size only has to match the slots. HF builds
+        # one mask for every global layer, so where their slot counts differ (per-layer capacities), it is one
+        # column wide and broadcasts over each layer's slots until the rewrite drops it.
+        if not self.cache.prefilled:
+            return query_length, 0
+        return (1, 0) if len(self.cache.slots.groups) > 1 and not self.kind.windowed else (self.slots, 0)
 
     def get_seq_length(self) -> torch.Tensor | int:
         return self.cache.seen.amax()
@@ -147,39 +153,75 @@ class HAECache(Cache):
             raise ValueError(f"{len(layer_kinds)} layer kinds for {num_layers} layers")
         self.config = config
         self.capacity = config.capacity
-        layers = [HAELayer(self, i, kind) for i, kind in enumerate(layer_kinds)]
-        super().__init__(layers=layers)
         self.policy = policy_for(config)
+        self.pruned_after = self.policy.pruned_after()
+        global_layers = [index for index, kind in enumerate(layer_kinds) if not kind.windowed]
+        capacities = self._group_layers(global_layers, num_layers)
+        layers = [HAELayer(self, i, kind, None if kind.windowed else capacities[self.layer_group[i]])
+                  for i, kind in enumerate(layer_kinds)]
+        super().__init__(layers=layers)
         self.batch = batch
         device = torch.device(device)
-        planned = sum(batch * layer.slots * (2 * kv_heads * head_dim * dtype.itemsize
-                                             + (torch.int64.itemsize if layer.kind.windowed else 0))
-                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch)
+        if self.policy.merges_evicted and is_quantized(storage_dtype(config.kv_dtype, dtype)):
+            raise HAEConfigError(
+                f"policy {config.policy!r} merges evicted prompt K/V into kept slots, which 8-bit slots "
+                f"(kv_dtype={config.kv_dtype!r}) do not support yet; use kv_dtype=None with it"
+            )
+        stored = storage_dtype(config.kv_dtype, dtype)
+        slot_bytes = 2 * kv_heads * (head_dim * stored.itemsize + (4 if is_quantized(stored) else 0))
+        planned = sum(batch * layer.slots * (slot_bytes + (torch.int64.itemsize if layer.kind.windowed else 0))
+                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch, capacities)
         check_device_holds(planned, device, f"an HAECache of capacity={self.capacity}, batch={batch}, "
                                             f"{num_layers} layers of {kv_heads} KV heads x {head_dim} ({dtype})")
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
-        self.slots = SlotBuffers(config, self.policy, batch, device)
-        #: the layers whose prompt attention the policy's prefill plan reads, and the one that emits the plan
-        global_layers = [index for index, kind in enumerate(layer_kinds) if not kind.windowed]
+        self.slots = SlotBuffers(config, self.policy, batch, device, capacities)
+        #: the layers whose prompt attention the policy's prefill plan reads; per slot group, those it plans from
+        #: and the layer that emits its plan (a group without such layers plans at its first layer)
         self.plan_layers = self.policy.prefill_layers(global_layers)
-        self.plan_emitted_at = max(self.plan_layers, default=0)
-        self.pruned_after = self.policy.pruned_after()
+        self.group_plan_layers = [tuple(layer for layer in self.plan_layers if self.layer_group[layer] == group)
+                                  for group in range(len(capacities))]
+        self._plan_emitters = {max(planned, default=members[0]): group for group, (planned, members) in
+                               enumerate(zip(self.group_plan_layers, self.group_members, strict=True))}
         self.config_key = config.key()  # computed here: JSON encoding cannot be traced
-        self._plan_keys: dict[int, torch.Tensor] = {}  # prompt keys of `plan_layers`, while prefill is traced
+        self._plan_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt K/V of `plan_layers`, traced
+        self.last_global_layer = max(global_layers, default=None)
+        self._step_values: dict[int, torch.Tensor] = {}  # a decode step's new global-layer values, while traced
         # prompt metadata staged by `begin_prefill`, read by the compiled prefill graph
         self.prompt_pos: torch.Tensor | None = None
         self.prompt_modality: torch.Tensor | None = None
         self.prefill_kept_len = 0  # number of prompt tokens the prefill writes (slots 0..K-1)
-        #: `[0, prefill_kept_len]`, empty: carries the kept length into the prefill graph as a dimension, so one graph
-        #: serves every kept length (a Python int would be a constant, recompiled for each value)
-        self.kept_len_carrier = torch.empty(0, 0)
+        self.group_kept_len = [0] * len(capacities)  # the same per slot group
+        #: per slot group, `[0, kept]`, empty: carries the kept length into the prefill graph as a dimension, so one
+        #: graph serves every kept length (a Python int would be a constant, recompiled for each value)
+        self.kept_len_carriers = [torch.empty(0, 0) for _ in capacities]
         #: per sequence, the logical positions of the prompt's visual tokens (for `hae_fx.viz`, `hae_fx.report`)
         self.prompt_visual_positions: list[list[int]] = [[] for _ in range(batch)]
         #: per sequence, the positions the prefill kept (filled when the prefill ends; `hae_fx.viz` draws them)
         self.prefill_kept: list[list[int]] = [[] for _ in range(batch)]
         self.prefilled = False
         self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
+
+    def _group_layers(self, global_layers: list[int], num_layers: int) -> list[int]:
+        """Assign layers to slot groups (`layer_group`, `group_members`) and return each group's capacity: one group
+        for every layer, or one per global layer for a policy with per-layer capacities (windowed layers keep their
+        rings and count in group 0)."""
+        capacities = self.policy.layer_capacities(global_layers)
+        if capacities is None:
+            self.layer_group = [0] * num_layers
+            self.group_members = [list(range(num_layers))]
+            return [self.capacity]
+        if len(capacities) != len(global_layers):
+            raise ValueError(f"{len(capacities)} layer capacities for {len(global_layers)} global layers")
+        if self.pruned_after is not None:
+            raise HAEConfigError(
+                f"policy {self.config.policy!r} gives layers capacities of their own and prunes hidden states; "
+                "hidden-state pruning needs one index set for every layer"
+            )
+        group_of = {layer: group for group, layer in enumerate(global_layers)}
+        self.layer_group = [group_of.get(layer, 0) for layer in range(num_layers)]
+        self.group_members = [[layer] for layer in global_layers]
+        return list(capacities)
 
     @property
     def slot_pos(self) -> torch.Tensor:
@@ -263,14 +305,21 @@ class HAECache(Cache):
         real_tokens = real.sum(dim=-1).tolist()
         visual_tokens = [len(positions) for positions in self.prompt_visual_positions]
         self.prefill_kept_len = self.policy.prefill_kept_len(token_pos.shape[1], real_tokens, visual_tokens)
-        self.kept_len_carrier = torch.empty(0, self.prefill_kept_len, device=self.slot_pos.device)
+        if len(self.slots.groups) == 1:
+            self.group_kept_len = [self.prefill_kept_len]
+        else:  # per-layer capacities: each layer keeps what fits
+            self.group_kept_len = [min(token_pos.shape[1], group.capacity) for group in self.slots.groups]
+        self.kept_len_carriers = [torch.empty(0, kept, device=self.slot_pos.device) for kept in self.group_kept_len]
         self.policy.note_prompt(visual_tokens)
 
     @property
     def traced_kept_len(self) -> int:
-        """`prefill_kept_len` as traced code must read it: a dimension of `kept_len_carrier` (symbolic when
-        `hae_fx.prompt_shapes` marks it dynamic)."""
-        return self.kept_len_carrier.shape[1]
+        """`prefill_kept_len` as traced code must read it: a dimension of group 0's kept-length carrier (symbolic
+        when `hae_fx.prompt_shapes` marks it dynamic)."""
+        return self.traced_group_kept_len(0)
+
+    def traced_group_kept_len(self, group: int) -> int:
+        return self.kept_len_carriers[group].shape[1]
 
     def end_prefill(self) -> None:
         self.prefilled = True
@@ -342,13 +391,14 @@ class HAECache(Cache):
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
             raise RuntimeError("HAECache: prefill without begin_prefill(); use the model transformed by hae_fx")
-        kept = self.traced_kept_len
+        group = self.layer_group[layer_idx]
+        kept = self.traced_group_kept_len(group)
         layer = self.layers[layer_idx]
         pruned = self.pruned_after is not None and layer_idx > self.pruned_after
         if layer_idx in self.plan_layers:
-            self._plan_keys[layer_idx] = key_states
-        if layer_idx == self.plan_emitted_at:
-            self._emit_prefill_plan()
+            self._plan_keys[layer_idx] = (key_states, value_states)
+        if layer_idx in self._plan_emitters:
+            self._emit_prefill_plan(self._plan_emitters[layer_idx])
         if layer.kind.windowed:
             # hae_fx.pruning gathered a pruned layer's inputs to the kept tokens, whose positions the plan wrote
             token_pos = self.slot_pos[:, :kept] if pruned else self.prompt_pos
@@ -364,8 +414,14 @@ class HAECache(Cache):
             torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slots,
                                       **layer.scale_arguments())
             return key_states, value_states
-        torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, self.prefill_keep,
-                                     self.kept_len_carrier, **layer.scale_arguments())
+        prefill_keep = self.slots.groups[group].core["prefill_keep"]
+        carrier = self.kept_len_carriers[group]
+        if self.policy.merges_evicted:
+            torch.ops.hae.prefill_merge_write_(layer.keys, layer.values, key_states, value_states, prefill_keep,
+                                               carrier, self.prompt_pos)
+        else:
+            torch.ops.hae.prefill_write_(layer.keys, layer.values, key_states, value_states, prefill_keep, carrier,
+                                         **layer.scale_arguments())
         return key_states, value_states
 
     def _check_prompt_tokens(self, layer_idx: int, key_states: torch.Tensor, expected: int) -> None:
@@ -375,40 +431,55 @@ class HAECache(Cache):
                 "prune_hidden needs the model transformed by hae_fx.transform"
             )
 
-    def _emit_prefill_plan(self) -> None:
-        """Emit `hae::prefill_plan_` with the keys of the layers the policy reads and no queries: the backend's
-        plan pass wires in those layers' attention queries and scales and moves the node after the last of them."""
-        keys = [self._plan_keys[layer] for layer in self.plan_layers]
-        self._plan_keys = {}
-        kinds = [self.layers[layer].kind for layer in self.plan_layers]
-        torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, scales=[0.0] * len(keys),
+    def _emit_prefill_plan(self, group: int) -> None:
+        """Emit slot group `group`'s `hae::prefill_plan_` with the keys of the layers it plans from and no queries:
+        the backend's plan pass wires in those layers' attention queries and scales and moves the node after the
+        last of them."""
+        planned = self.group_plan_layers[group]
+        keys = [self._plan_keys[layer][0] for layer in planned]
+        values = [self._plan_keys.pop(layer)[1] for layer in planned]
+        kinds = [self.layers[layer].kind for layer in planned]
+        torch.ops.hae.prefill_plan_(queries=[None] * len(keys), keys=keys, values=values, scales=[0.0] * len(keys),
                                     masks=[None] * len(keys),
                                     windows=[kind.span if kind.kind == SLIDING else 0 for kind in kinds],
                                     chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
-                                    **self.slots.plan_arguments(), kept=self.kept_len_carrier,
+                                    **self.slots.plan_arguments(group), kept=self.kept_len_carriers[group],
                                     config=self.config_key)
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer_idx == 0:
             self._plan_decode_step()
         layer = self.layers[layer_idx]
-        slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else self.slots.step_slot
+        group = self.slots.groups[self.layer_group[layer_idx]]
+        slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else \
+            group.core["step_slot"]
         torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1),
                                   **layer.scale_arguments())
+        if not layer.kind.windowed:
+            self._step_values[layer_idx] = value_states
+        if layer_idx == self.last_global_layer:
+            values, self._step_values = self._step_values, {}
+            for index, members in enumerate(self.group_members):
+                self.policy.after_decode_write(self.slots.state(index), self.slots.groups[index].core["step_slot"],
+                                               [values[layer] for layer in members if layer in values])
         return layer.decode_view()
 
     def _plan_decode_step(self) -> None:
         """Choose each sequence's slot for the new token (the policy's bookkeeping first) and record the token in
         the slot metadata."""
-        slot = self.policy.decode_slot(self.slots.state())
-        self.slots.step_slot.copy_(slot)
-        self.slots.place(slot, TEXT)
+        slots = []
+        for index, group in enumerate(self.slots.groups):
+            slot = self.policy.decode_slot(self.slots.state(index))
+            group.core["step_slot"].copy_(slot)
+            slots.append(slot)
+        self.slots.place(slots, TEXT)
 
 
-def kept_positions(cache: HAECache) -> list[list[int]]:
-    """Sorted logical positions each sequence holds now (a debugging and testing aid; syncs with the device)."""
-    return _sorted_positions(cache.slot_pos)
+def kept_positions(cache: HAECache, layer: int = 0) -> list[list[int]]:
+    """Sorted logical positions each sequence holds now in `layer`'s slots (every global layer's, unless the policy
+    gives layers capacities of their own); a debugging and testing aid; syncs with the device."""
+    return _sorted_positions(cache.slots.groups[cache.layer_group[layer]].core["slot_pos"])
 
 
 def binned_positions(cache: HAECache) -> list[list[int]]:

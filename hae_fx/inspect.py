@@ -15,6 +15,7 @@ from hae_fx.backend import GraphRecord
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAEError
 from hae_fx.models import family_of
+from hae_fx.policies import policy_for
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,14 @@ def inspect(model: torch.nn.Module) -> ModelInspection:
         for layer, form in zip(report.layers, report.forms, strict=True):
             decode_forms.setdefault(layer, []).append(form)
     prefill_tokens = graphs["prefill"][-1].tokens_per_layer if graphs["prefill"] else {}
+    kinds = family.layer_kinds(model)
+    global_layers = [index for index, kind in enumerate(kinds) if not kind.windowed]
+    own = dict(zip(global_layers, policy_for(config).layer_capacities(global_layers) or [], strict=False))
     layers = tuple(
         LayerPlan(index=index, kind="global" if not kind.windowed else str(kind),
-                  slots=kind.cache_slots(config.capacity),
+                  slots=kind.cache_slots(own.get(index, config.capacity)),
                   decode_sites=tuple(decode_forms.get(index, ())), prefill_tokens=prefill_tokens.get(index))
-        for index, kind in enumerate(family.layer_kinds(model))
+        for index, kind in enumerate(kinds)
     )
     return ModelInspection(model=type(model).__name__, family=family.name, config=config, layers=layers,
                            graphs=graphs)

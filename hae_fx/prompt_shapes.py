@@ -2,7 +2,7 @@
 
 Before each compiled prefill call, `mark_prompt_dynamic` marks as dynamic every dimension of the language model's
 inputs that is the prompt's length (token ids or embeddings, position ids, masks, token types, the cache's staged
-positions and modality) and the kept length the policy chose (`HAECache.kept_len_carrier`). Dynamo then traces the
+positions and modality) and the kept length the policy chose (`HAECache.kept_len_carriers`). Dynamo then traces the
 prefill once with those sizes as symbols and Inductor generates code for any value, so a new prompt length (or a
 new number of kept tokens) reuses the graph instead of compiling another. docs/design.md has the measurements that
 chose this over padding prompts to length buckets.
@@ -34,7 +34,8 @@ def mark_prompt_dynamic(args: tuple, kwargs: dict[str, Any], cache: HAECache) ->
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
     torch._dynamo.maybe_mark_dynamic(cache.prompt_pos, 1)
     torch._dynamo.maybe_mark_dynamic(cache.prompt_modality, 1)
-    torch._dynamo.maybe_mark_dynamic(cache.kept_len_carrier, 1)
+    for carrier in cache.kept_len_carriers:
+        torch._dynamo.maybe_mark_dynamic(carrier, 1)
 
 
 def _tensors(values: list[Any]) -> list[torch.Tensor]:

@@ -1,14 +1,16 @@
 """`SlotBuffers`: the one owner of an `HAECache`'s slot metadata (names, allocation, reset, op arguments).
 
-All layers share one set of slot metadata, because policies broadcast one index set to every layer:
+All layers share one set of slot metadata (one `SlotGroup`), because policies broadcast one index set to every
+layer; a policy with per-layer capacities (`Policy.layer_capacities`) gets one group per global layer instead,
+each sized to its layer, and only `seen` stays shared. A group holds:
 
 - `slot_pos [B, C]` int64: logical position of the token in each slot, -1 for a free slot;
 - `score [B, C]` float32: per-slot attention as the rewritten attention adds it (`Policy.score_weights`);
 - `modality [B, C]` int8: `TEXT` or `VISUAL`;
-- `seen [B]` int64: tokens of each sequence seen so far (the next token's logical position);
+- `seen [B]` int64 (one per cache): tokens of each sequence seen so far (the next token's logical position);
 - `step_slot [B]` int64: the slot the current decode step's token takes;
 - `prefill_keep [B, C]` int64: the prompt index each slot takes at prefill;
-- the policy's own `[B, C]` buffers (`Policy.extra_buffers`), e.g. `hae`'s `in_bin`.
+- the policy's own `[B, C, ...]` buffers (`Policy.extra_buffers`), e.g. `hae`'s `in_bin`.
 
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs read
 them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use to
@@ -17,6 +19,7 @@ recognise cache tensors among a graph's inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,12 +42,14 @@ PLAN_WRITES = ("slot_pos", "score", "modality", "seen", "prefill_keep")
 class CacheRole:
     """What a tensor is inside an `HAECache`: `kind` is `keys`, `values`, a core buffer name (`CORE_BUFFERS`) or
     `extra` (a policy's own buffer, named by `name`); `layer` for keys and values; `config`, the cache's policy
-    config, which the passes read (e.g. which layers feed the scores)."""
+    config, which the passes read (e.g. which layers feed the scores); `group`, the `SlotGroup` whose slot metadata
+    the tensor is or (keys and values) follows."""
 
     kind: str
     layer: int | None = None
     config: PolicyConfig | None = field(default=None, compare=False)
     name: str | None = None
+    group: int = 0
 
 
 def role_of(tensor: object) -> CacheRole | None:
@@ -59,79 +64,121 @@ def static_buffer(tensor: torch.Tensor, role: CacheRole) -> torch.Tensor:
     return tensor
 
 
-class SlotBuffers:
-    """The slot metadata of one cache, allocated for `batch` sequences of `capacity` slots."""
+class SlotGroup:
+    """The slot metadata of the layers that keep one index set: `capacity` slots per sequence.
 
-    def __init__(self, config: PolicyConfig, policy: Policy, batch: int, device: torch.device) -> None:
-        capacity = config.capacity
+    A cache has one group, shared by every layer, unless its policy gives layers capacities of their own
+    (`Policy.layer_capacities`); then each global layer has a group, and its K/V buffers are sized to it."""
+
+    def __init__(self, config: PolicyConfig, policy: Policy, batch: int, capacity: int, device: torch.device,
+                 index: int) -> None:
+        self.index, self.capacity = index, capacity
         self.core: dict[str, torch.Tensor] = {}
         for name, (dtype, fill) in CORE_BUFFERS.items():
+            if name == "seen":
+                continue  # one per cache: `SlotBuffers.seen`
             shape = (batch,) if name in PER_SEQUENCE else (batch, capacity)
             tensor = torch.full(shape, fill, dtype=dtype, device=device)
-            self.core[name] = static_buffer(tensor, CacheRole(name, config=config))
-        self.extras: dict[str, torch.Tensor] = {
-            name: static_buffer(torch.zeros(batch, capacity, dtype=dtype, device=device),
-                                CacheRole("extra", config=config, name=name))
-            for name, dtype in policy.extra_buffers().items()
-        }
-
-    @staticmethod
-    def planned_nbytes(config: PolicyConfig, policy: Policy, batch: int) -> int:
-        """Bytes the buffers of `SlotBuffers(config, policy, batch, ...)` take, known before allocating them."""
-        per_slot = [dtype for name, (dtype, _) in CORE_BUFFERS.items() if name not in PER_SEQUENCE]
-        per_slot += list(policy.extra_buffers().values())
-        per_sequence = [CORE_BUFFERS[name][0] for name in PER_SEQUENCE]
-        return batch * (config.capacity * sum(d.itemsize for d in per_slot) + sum(d.itemsize for d in per_sequence))
-
-    @property
-    def slot_pos(self) -> torch.Tensor:
-        return self.core["slot_pos"]
-
-    @property
-    def score(self) -> torch.Tensor:
-        return self.core["score"]
-
-    @property
-    def modality(self) -> torch.Tensor:
-        return self.core["modality"]
-
-    @property
-    def seen(self) -> torch.Tensor:
-        return self.core["seen"]
-
-    @property
-    def step_slot(self) -> torch.Tensor:
-        return self.core["step_slot"]
-
-    @property
-    def prefill_keep(self) -> torch.Tensor:
-        return self.core["prefill_keep"]
+            self.core[name] = static_buffer(tensor, CacheRole(name, config=config, group=index))
+        self.extras: dict[str, torch.Tensor] = {}
+        for name, spec in policy.extra_buffers().items():
+            dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
+            tensor = torch.zeros(batch, capacity, *trailing, dtype=dtype, device=device)
+            self.extras[name] = static_buffer(tensor, CacheRole("extra", config=config, name=name, group=index))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.core.values(), *self.extras.values()]
 
-    def state(self) -> SlotState:
-        """The slot metadata, as the policies see it."""
-        return SlotState(slot_pos=self.slot_pos, score=self.score, modality=self.modality, seen=self.seen,
-                         extras=dict(self.extras))
-
-    def plan_arguments(self) -> dict[str, object]:
-        """The buffers `hae::prefill_plan_` writes, bound to its argument names."""
-        return {**{name: self.core[name] for name in PLAN_WRITES}, "extras": list(self.extras.values())}
-
     def reset(self) -> None:
-        for name, (_, fill) in CORE_BUFFERS.items():
-            self.core[name].fill_(fill)
+        for name, tensor in self.core.items():
+            tensor.fill_(CORE_BUFFERS[name][1])
         for tensor in self.extras.values():
             tensor.zero_()
 
-    def place(self, slot: torch.Tensor, modality: int) -> None:
+    def place(self, slot: torch.Tensor, modality: int, seen: torch.Tensor) -> None:
         """Record each sequence's new token (position `seen`) in slot `slot` (`[B]`): score 0, `modality`, zeroed
-        policy extras; then advance `seen`."""
+        policy extras."""
         rows = torch.arange(slot.shape[0], device=slot.device)
-        self.slot_pos.index_put_((rows, slot), self.seen)
-        self.score.index_put_((rows, slot), torch.zeros((), device=slot.device))
-        self.modality.index_put_((rows, slot), torch.full((), modality, dtype=torch.int8, device=slot.device))
+        self.core["slot_pos"].index_put_((rows, slot), seen)
+        self.core["score"].index_put_((rows, slot), torch.zeros((), device=slot.device))
+        self.core["modality"].index_put_((rows, slot), torch.full((), modality, dtype=torch.int8, device=slot.device))
         for tensor in self.extras.values():
             tensor.index_put_((rows, slot), torch.zeros((), dtype=tensor.dtype, device=slot.device))
+
+
+class SlotBuffers:
+    """The slot metadata of one cache, allocated for `batch` sequences: one `SlotGroup` per distinct index set
+    (`capacities`, one per group; `[config.capacity]` for a policy that keeps one set) and the shared `seen`."""
+
+    def __init__(self, config: PolicyConfig, policy: Policy, batch: int, device: torch.device,
+                 capacities: list[int] | None = None) -> None:
+        capacities = capacities or [config.capacity]
+        self.groups = [SlotGroup(config, policy, batch, capacity, device, index)
+                       for index, capacity in enumerate(capacities)]
+        seen_dtype, seen_fill = CORE_BUFFERS["seen"]
+        self.seen = static_buffer(torch.full((batch,), seen_fill, dtype=seen_dtype, device=device),
+                                  CacheRole("seen", config=config))
+
+    @property
+    def slot_pos(self) -> torch.Tensor:
+        """Group 0's (the only group of a policy that keeps one index set)."""
+        return self.groups[0].core["slot_pos"]
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.groups[0].core["score"]
+
+    @property
+    def modality(self) -> torch.Tensor:
+        return self.groups[0].core["modality"]
+
+    @property
+    def step_slot(self) -> torch.Tensor:
+        return self.groups[0].core["step_slot"]
+
+    @property
+    def prefill_keep(self) -> torch.Tensor:
+        return self.groups[0].core["prefill_keep"]
+
+    @property
+    def extras(self) -> dict[str, torch.Tensor]:
+        return self.groups[0].extras
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [tensor for group in self.groups for tensor in group.tensors()] + [self.seen]
+
+    @staticmethod
+    def planned_nbytes(config: PolicyConfig, policy: Policy, batch: int, capacities: list[int] | None = None) -> int:
+        """Bytes the buffers of `SlotBuffers(config, policy, batch, ..., capacities)` take, known before allocating
+        them."""
+        per_slot = sum(dtype.itemsize for name, (dtype, _) in CORE_BUFFERS.items() if name not in PER_SEQUENCE)
+        for spec in policy.extra_buffers().values():
+            dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
+            per_slot += dtype.itemsize * math.prod(trailing)
+        per_group = sum(CORE_BUFFERS[name][0].itemsize for name in PER_SEQUENCE if name != "seen")
+        slots = sum(capacities or [config.capacity])
+        groups = len(capacities or [config.capacity])
+        return batch * (slots * per_slot + groups * per_group + CORE_BUFFERS["seen"][0].itemsize)
+
+    def state(self, group: int = 0) -> SlotState:
+        """A group's slot metadata, as the policies see it."""
+        core = self.groups[group].core
+        return SlotState(slot_pos=core["slot_pos"], score=core["score"], modality=core["modality"], seen=self.seen,
+                         extras=dict(self.groups[group].extras))
+
+    def plan_arguments(self, group: int = 0) -> dict[str, object]:
+        """The buffers `hae::prefill_plan_` writes for one group, bound to its argument names."""
+        core = self.groups[group].core
+        return {**{name: self.seen if name == "seen" else core[name] for name in PLAN_WRITES},
+                "extras": list(self.groups[group].extras.values())}
+
+    def reset(self) -> None:
+        for group in self.groups:
+            group.reset()
+        self.seen.fill_(CORE_BUFFERS["seen"][1])
+
+    def place(self, slots: list[torch.Tensor], modality: int) -> None:
+        """Record each sequence's new token in each group's slot `slots[g]` (`[B]`), then advance `seen`."""
+        for group, slot in zip(self.groups, slots, strict=True):
+            group.place(slot, modality, self.seen)
         self.seen.add_(1)

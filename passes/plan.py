@@ -60,11 +60,25 @@ def place_prefill_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> P
     """
     graph = gm.graph
     plans = [n for n in graph.nodes if calls_op(n, torch.ops.hae.prefill_plan_)]
-    if len(plans) > 1:
-        raise HAESiteError(f"{len(plans)} hae::prefill_plan_ nodes in one graph; an HAECache plans its prefill once")
-    if not plans:
+    groups = [roles[bound_arguments(plan)["slot_pos"]].group for plan in plans]
+    if len(set(groups)) != len(groups):
+        raise HAESiteError(f"{len(plans)} hae::prefill_plan_ nodes for slot groups {groups} in one graph; an "
+                           "HAECache plans each slot group's prefill once")
+    placements = [placement for plan, group in zip(plans, groups, strict=True)
+                  if (placement := _place_one_plan(gm.graph, plan, group, roles)) is not None]
+    if not placements:
         return None
-    plan = plans[0]
+    graph.lint()
+    gm.recompile()
+    return PlanPlacement(layers=tuple(sorted({layer for p in placements for layer in p.layers})),
+                         form=placements[-1].form,
+                         deferred_layers=tuple(sorted({layer for p in placements for layer in p.deferred_layers})))
+
+
+def _place_one_plan(graph: fx.Graph, plan: fx.Node, group: int, roles: dict[fx.Node, CacheRole]
+                    ) -> PlanPlacement | None:
+    """Place the plan of one slot group; the cache writes it defers are those of the group's layers (every layer's,
+    for a cache with one group) up to the last layer it reads."""
     arguments = bound_arguments(plan)
     keys = list(arguments["keys"])
     if not keys:
@@ -74,7 +88,9 @@ def place_prefill_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> P
     sites = [_plan_attention(graph, key, writes[layer], layer) for key, layer in zip(keys, layers, strict=True)]
     last = sites[-1]
 
-    deferred = [node for write_layer, node in sorted(writes.items()) if write_layer <= last.layer]
+    deferred_layers = tuple(write_layer for write_layer in sorted(writes) if write_layer <= last.layer
+                            and roles[writes[write_layer].args[0]].group == group)
+    deferred = [writes[write_layer] for write_layer in deferred_layers]
     _check_no_early_readers(graph, plan, arguments, last, deferred)
     arguments.update(queries=[site.query for site in sites], scales=[scale_of(site) for site in sites],
                      masks=[site.mask for site in sites])
@@ -84,16 +100,13 @@ def place_prefill_plan(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> P
     for node in deferred:
         anchor.append(node)
         anchor = node
-    graph.lint()
-    gm.recompile()
-    deferred_layers = tuple(write_layer for write_layer in sorted(writes) if write_layer <= last.layer)
     return PlanPlacement(layers=tuple(layers), form=last.form, deferred_layers=deferred_layers)
 
 
 def _prefill_writes(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, fx.Node]:
     writes: dict[int, fx.Node] = {}
     for node in graph.nodes:
-        if calls_op(node, torch.ops.hae.prefill_write_):
+        if calls_op(node, torch.ops.hae.prefill_write_) or calls_op(node, torch.ops.hae.prefill_merge_write_):
             role = roles.get(node.args[0])
             if role is None or role.kind != "keys":
                 raise HAESiteError(f"{node.format_node()} does not write an HAECache key buffer")

@@ -46,12 +46,14 @@ class RewriteReport:
 def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> RewriteReport:
     """Replace every attention over cache slots in `gm` with `hae::slot_attention` (in place).
 
-    Each site is masked by its layer's slot positions: the shared `slot_pos` for global layers, the layer's own
-    `ring_pos` for sliding-window and chunked layers (`hae_fx.ring`).
+    Each site is masked by its layer's slot positions: its slot group's `slot_pos` for global layers (one group
+    for every layer unless the policy gives layers capacities of their own), the layer's own `ring_pos` for
+    sliding-window and chunked layers (`hae_fx.ring`).
 
     Scores: each global layer's site adds its per-slot attention, times the weight the cache's policy gives its
-    layer (`Policy.score_weights`; by default one over the number of such sites), to the cache's `score` buffer, so
-    `score` accumulates attention averaged over global layers and heads, summed over steps. Windowed layers add
+    layer (`Policy.score_weights`; by default one over the number of such sites in its slot group), to its group's
+    `score` buffer, so `score` accumulates attention averaged over the group's global layers and heads, summed over
+    steps. Windowed layers add
     nothing: their rings are not the slots the policy evicts from.
 
     Raises:
@@ -61,13 +63,18 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
     graph = gm.graph
     sites = find_attention_sites(graph, roles)
     if sites:
-        slot_pos = _placeholder(roles, "slot_pos")
-        score = _placeholder(roles, "score")
         rings = {role.layer: node for node, role in roles.items() if role.kind == "ring_pos"}
+        group_of = {role.layer: role.group for role in roles.values() if role.kind == "keys"}
         global_sites = [site for site in sites if site.layer not in rings]
-        weights = _score_weights(global_sites, roles[score].config)
+        weights: dict[int, float] = {}
+        for group in sorted({group_of.get(site.layer, 0) for site in global_sites}):
+            members = [site for site in global_sites if group_of.get(site.layer, 0) == group]
+            score = _placeholder(roles, "score", group)
+            weights.update(_score_weights(members, roles[score].config))
         for site in sites:
-            _rewrite_site(graph, site, rings.get(site.layer, slot_pos), score, weights.get(site.layer),
+            group = group_of.get(site.layer, 0)
+            valid_pos = rings.get(site.layer) or _placeholder(roles, "slot_pos", group)
+            _rewrite_site(graph, site, valid_pos, _placeholder(roles, "score", group), weights.get(site.layer),
                           _slot_scales(roles, site.layer))
     _check_only_hae_ops_read_slots(graph, roles)
     graph.lint()
@@ -75,9 +82,9 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
     return RewriteReport(layers=tuple(s.layer for s in sites), forms=tuple(s.form for s in sites))
 
 
-def _placeholder(roles: dict[fx.Node, CacheRole], kind: str) -> fx.Node:
+def _placeholder(roles: dict[fx.Node, CacheRole], kind: str, group: int = 0) -> fx.Node:
     for node, role in roles.items():
-        if role.kind == kind:
+        if role.kind == kind and role.group == group:
             return node
     raise HAESiteError(
         f"the graph reads HAECache key/value slots but not its {kind!r} tensor; the cache's update() must run "

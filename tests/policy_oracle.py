@@ -27,7 +27,11 @@ class Rule(Protocol):
     attention; `visual[j]` says whether prompt token `j` is an image token; `seen` is the new token's position.
 
     A rule with a `prune_after` layer index decides right after that layer's attention, from layers
-    `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning)."""
+    `0..prune_after`, and the later layers compute as if the tokens it drops were gone (hidden-state pruning).
+    A rule with `per_head = True` gets each layer's `[H, T, T]` prompt attention, not its head mean; a rule with an
+    `observe_values(values)` method gets, before its prefill and after every decode step, each layer's cached values
+    `[Hkv, n, D]` of every position so far; a rule with a `merge(keys, values, kept)` method may rewrite each layer's
+    cached `[Hkv, T, D]` prompt keys and values in place once it has chosen the `kept` positions."""
 
     def prefill(self, attention: list[torch.Tensor], visual: list[bool], capacity: int) -> dict[int, float]:
         """The kept positions and the score each starts with."""
@@ -64,8 +68,12 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     cache = DynamicCache(config=model.config)
     out, scores = _prefill(model, input_ids, inputs.get("pixel_values"), cache, rule, visual, capacity)
     assert len(scores) == min(prompt_len, capacity)
+    if hasattr(rule, "merge"):
+        for layer in cache.layers:
+            rule.merge(layer.keys[0], layer.values[0], sorted(scores))
     kept, logits, tokens = [sorted(scores)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
     position = prompt_len
+    observe_values = getattr(rule, "observe_values", None)
 
     def feed(token: int) -> torch.Tensor:
         nonlocal position
@@ -78,6 +86,8 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, attention_mask=mask,
                         position_ids=torch.tensor([[position]]), use_cache=True, output_attentions=True)
         rows = torch.stack([_mean_heads(w)[-1] for w in out.attentions]).mean(dim=0)
+        if observe_values is not None:
+            observe_values(_cached_values(cache))
         rule.attended(scores, rows.tolist())
         position += 1
         return out.logits[0, -1]
@@ -93,6 +103,10 @@ def run_rule(model, inputs: dict[str, torch.Tensor], rule: Rule, *, capacity: in
     return OracleRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
 
 
+def _cached_values(cache: DynamicCache) -> list[torch.Tensor]:
+    return [layer.values[0].float() for layer in cache.layers]
+
+
 def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[bool], capacity: int):
     """The prompt forward; returns its output and the rule's kept positions with their scores."""
     layers = model.model.language_model.layers
@@ -101,8 +115,10 @@ def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[boo
     decided: dict[str, dict[int, float]] = {}
     captured: list[torch.Tensor] = []
 
+    per_head = getattr(rule, "per_head", False)
+
     def capture(module, args, output) -> None:
-        captured.append(_mean_heads(output[1]))
+        captured.append(output[1][0].float() if per_head else _mean_heads(output[1]))
         if len(captured) - 1 == prune_after:
             decided["scores"] = rule.prefill(captured, visual, capacity)
 
@@ -125,7 +141,11 @@ def _prefill(model, input_ids, pixel_values, cache, rule: Rule, visual: list[boo
     finally:
         for handle in handles:
             handle.remove()
-    return out, decided["scores"] if prune_after is not None else rule.prefill(captured, visual, capacity)
+    if prune_after is not None:
+        return out, decided["scores"]
+    if hasattr(rule, "observe_values"):
+        rule.observe_values(_cached_values(cache))
+    return out, rule.prefill(captured, visual, capacity)
 
 
 def lowest(scores: dict[int, float], candidates: list[int]) -> int:
@@ -186,3 +206,104 @@ def evicts_by_score(run: OracleRun, sinks: int) -> bool:
     steps = zip(run.kept, run.kept[1:], strict=False)
     return any(set(before) - set(after) != {min(j for j in before if j >= sinks)} for before, after in steps
                if set(before) - set(after))
+
+
+@dataclass
+class LayeredRun:
+    tokens: list[int]
+    kept: list[list[list[int]]]  # per layer: after prefill, then after each decode step's placement
+    logits: torch.Tensor
+
+
+def run_layer_rules(model, inputs: dict[str, torch.Tensor], rules: list[Rule], capacities: list[int], *,
+                    new_tokens: int) -> LayeredRun:
+    """Greedy generation of one unpadded sequence where layer `l` keeps its own positions under `rules[l]`, with
+    `capacities[l]` slots, from its own head-averaged attention only. Each layer's new token attends to that
+    layer's kept positions (a per-layer 4-D mask, given to each decoder layer by a hook)."""
+    input_ids = inputs["input_ids"]
+    assert input_ids.shape[0] == 1, "the oracle runs one sequence at a time"
+    layers = model.model.language_model.layers
+    prompt_len = input_ids.shape[1]
+    visual = (input_ids[0] == model.config.image_token_id).tolist()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, pixel_values=inputs.get("pixel_values"), past_key_values=cache,
+                    use_cache=True, output_attentions=True)
+    scores = [rule.prefill([_mean_heads(out.attentions[layer])], visual, capacity)
+              for layer, (rule, capacity) in enumerate(zip(rules, capacities, strict=True))]
+    kept = [[sorted(layer_scores)] for layer_scores in scores]
+    logits, tokens = [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
+    masks: list[torch.Tensor] = []
+
+    def layer_mask(index):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = masks[index]
+            return args, kwargs
+        return hook
+
+    handles = [layer.register_forward_pre_hook(layer_mask(index), with_kwargs=True)
+               for index, layer in enumerate(layers)]
+    try:
+        for step in range(1, new_tokens):
+            position = prompt_len + step - 1
+            masks.clear()
+            for layer, (rule, capacity) in enumerate(zip(rules, capacities, strict=True)):
+                if len(scores[layer]) >= capacity:
+                    del scores[layer][rule.victim(scores[layer], position)]
+                scores[layer][position] = 0.0
+                kept[layer].append(sorted(scores[layer]))
+                mask = torch.full((1, 1, 1, position + 1), float("-inf"))
+                mask[..., sorted(scores[layer])] = 0.0
+                masks.append(mask)
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                            attention_mask=masks[0], position_ids=torch.tensor([[position]]), use_cache=True,
+                            output_attentions=True)
+            for layer, rule in enumerate(rules):
+                rule.attended(scores[layer], _mean_heads(out.attentions[layer])[-1].tolist())
+            logits.append(out.logits[0, -1])
+            tokens.append(int(out.logits[0, -1].argmax()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayeredRun(tokens=tokens, kept=kept, logits=torch.stack(logits))
+
+
+class _RecordKeptPerLayer(LogitsProcessor):
+    def __init__(self, cache, layers: int):
+        self.cache, self.layers, self.kept = cache, layers, []
+
+    def __call__(self, input_ids, scores):
+        self.kept.append([kept_positions(self.cache, layer) for layer in range(self.layers)])
+        return scores
+
+
+def check_against_layer_rules(config, make_rule, capacities: list[int], *, seed: int,
+                              new_tokens: int = 100) -> list[LayeredRun]:
+    """`check_against_rule` for a policy whose layers keep index sets of their own: `make_rule(l)` is layer `l`'s
+    rule, `capacities` the layers' slots. Kept positions of every layer after prefill and every step, tokens and
+    logits must be identical, and each layer's K/V buffers must hold exactly its capacity."""
+    model = hae_fx.transform(model_for(seed), config, options={"hae.compiler": "eager"})
+    inputs = llava_inputs(model, 2, seed=seed)
+    cache = hae_fx.HAECache.for_model(model, config, batch=2)
+    assert [layer.keys.shape[2] for layer in cache.layers] == capacities
+    recorder = _RecordKeptPerLayer(cache, len(capacities))
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True,
+                         logits_processor=LogitsProcessorList([recorder]))
+    reference = model_for(seed, attn_implementation="eager")
+    width = inputs["input_ids"].shape[1]
+    runs = []
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
+                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        rules = [make_rule(layer) for layer in range(len(capacities))]
+        run = run_layer_rules(reference, sequence, rules, capacities, new_tokens=new_tokens)
+        for layer in range(len(capacities)):
+            assert [kept[layer][row] for kept in recorder.kept] == run.kept[layer], f"sequence {row}, layer {layer}"
+        assert out.sequences[row, width:].tolist() == run.tokens, f"sequence {row}"
+        torch.testing.assert_close(torch.stack([step[row] for step in out.logits]), run.logits, atol=1e-4,
+                                   rtol=1e-4)
+        runs.append(run)
+    return runs

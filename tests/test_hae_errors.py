@@ -108,7 +108,8 @@ def _prefill_plan_arguments(query):
     key = torch.randn(batch, kv_heads, length, head_dim, generator=generator)
     config = HAEConfig(policy="hae", capacity=capacity, bin_size=2, sinks=1, window=1, r=0.0, alpha=0.0)
     return dict(
-        queries=[query], keys=[key], scales=[head_dim ** -0.5], windows=[0], chunks=[0], masks=[None],
+        queries=[query], keys=[key], values=[torch.randn_like(key)], scales=[head_dim ** -0.5], windows=[0],
+        chunks=[0], masks=[None],
         token_pos=torch.arange(length).unsqueeze(0),
         token_modality=torch.tensor([[TEXT, VISUAL, VISUAL, VISUAL, TEXT, TEXT]], dtype=torch.int8),
         slot_pos=torch.full((batch, capacity), -1, dtype=torch.int64), score=torch.zeros(batch, capacity),

@@ -12,8 +12,9 @@ from hae_fx.policies.base import Policy
 from tests.conftest import llava_inputs
 from tests.policy_oracle import model_for
 
-#: for the exactness check, where a policy has them: DAP's thresholds off (they evict whatever the capacity)
-NO_THRESHOLDS = {"r": 0.0, "alpha": 0.0}
+#: for the exactness check, where a policy has them: DAP's thresholds off and PyramidKV's pyramid flat (both evict
+#: whatever the capacity)
+ROOM_FOR_EVERY_TOKEN = {"r": 0.0, "alpha": 0.0, "beta": 1}
 
 
 def config_of(policy: str, **fields):
@@ -28,7 +29,7 @@ def test_capacity_for_every_token_reproduces_full(policy):
     capacity = inputs["input_ids"].shape[1] + new_tokens + 16  # room to spare for policies that keep a bin
     full = hae_fx.transform(model_for(seed), hae_fx.HAEConfig(policy="full", capacity=capacity),
                             options={"hae.compiler": "eager"})
-    config = config_of(policy, capacity=capacity, sinks=2, window=4, **NO_THRESHOLDS)
+    config = config_of(policy, capacity=capacity, sinks=2, window=4, **ROOM_FOR_EVERY_TOKEN)
     model = hae_fx.transform(model_for(seed), config, options={"hae.compiler": "eager"})
     expected = full.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)

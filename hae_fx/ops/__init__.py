@@ -1,4 +1,4 @@
-"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_`, `slot_attention`,
+"""hae's custom ops: `torch.ops.hae.slot_write_`, `prefill_write_` (and `prefill_merge_write_`), `slot_attention`,
 `slot_attention_no_weight`, `prefill_plan_` and `dequantize_slots` (quantized caches), plus
 `slot_attention_fused`, the Triton kernel the two attention ops run on CUDA (registered only where the `triton`
 package is installed; without it they keep the reference).
@@ -17,6 +17,7 @@ from torch.utils._triton import has_triton_package
 
 from hae_fx.ops.decompositions import register_inductor_decompositions
 from hae_fx.ops.dequantize_slots import dequantize_slots
+from hae_fx.ops.merge_write import prefill_merge_write_
 from hae_fx.ops.prefill_plan import prefill_plan_
 from hae_fx.ops.slot_attention import slot_attention, slot_attention_no_weight
 from hae_fx.ops.slot_write import prefill_write_, slot_write_
@@ -26,5 +27,6 @@ if has_triton_package():
 
 register_inductor_decompositions()
 
-__all__ = ["dequantize_slots", "prefill_plan_", "prefill_write_", "slot_attention", "slot_attention_no_weight",
+__all__ = ["dequantize_slots", "prefill_merge_write_", "prefill_plan_", "prefill_write_", "slot_attention",
+           "slot_attention_no_weight",
            "slot_write_"]

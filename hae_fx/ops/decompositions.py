@@ -6,6 +6,7 @@ import torch
 from torch._inductor import decomposition as inductor_decomposition
 
 from hae_fx.kv_quant import dequantize_rows
+from hae_fx.ops.merge_write import merge_prefix
 from hae_fx.ops.prefill_plan import plan_prefill
 from hae_fx.ops.slot_attention import run_slot_attention
 from hae_fx.ops.slot_write import write_prefix, write_slots
@@ -30,6 +31,10 @@ def register_inductor_decompositions() -> None:
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_write_.default)
     def _prefill_write(k_cache, v_cache, k, v, keep, kept, k_scale=None, v_scale=None):
         write_prefix(k_cache, v_cache, k, v, keep, kept, k_scale, v_scale)
+
+    @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_merge_write_.default)
+    def _prefill_merge_write(k_cache, v_cache, k, v, keep, kept, token_pos):
+        merge_prefix(k_cache, v_cache, k, v, keep, kept, token_pos)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_plan_.default)
     def _prefill_plan(*args, **kwargs):

@@ -19,10 +19,10 @@ from hae_fx.policies import policy_from_key
 from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
 
 
-def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float, window: int = 0,
-                   chunk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float | torch.Tensor,
+                   window: int = 0, chunk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`[B, T, T]` softmax attention (query, key) averaged over query heads, causal over each sequence's real
-    tokens, in float32 (policies compare shares of order 1e-3 against thresholds).
+    tokens (padding query rows are zero), in float32 (policies compare shares of order 1e-3 against thresholds).
 
     The layer's own mask applies when the plan pass found one (`mask`, boolean or additive, broadcastable to
     `[B, Hq, T, T]`: HF's, with its windows, chunks, bidirectional image blocks and prefix-LM prefixes), over the
@@ -32,14 +32,16 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
     Args:
         query: `[B, Hq, T, D]` (after RoPE), key: `[B, Hkv, T, D]` with `Hq` a multiple of `Hkv`.
         token_pos: `[B, T]` logical positions, -1 for padding.
+        scale: the softmax scale, or `[B, T]`, one per query row (`Policy.prefill_score_scale`).
         window, chunk: the layer's sliding window or attention chunk in positions; 0 when it has none.
         mask: the mask the layer's attention applied, or None.
     """
     batch, q_heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.to(torch.float32).reshape(batch, kv_heads, (q_heads // kv_heads) * length, head_dim)
-    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2)) * scale
+    logits = torch.matmul(grouped, key.to(torch.float32).transpose(-1, -2))
     logits = logits.view(batch, q_heads, length, length)
+    logits = logits * (scale.view(batch, 1, length, 1) if isinstance(scale, torch.Tensor) else scale)
     valid = token_pos >= 0
     lowest = torch.finfo(torch.float32).min
     if mask is not None:
@@ -49,7 +51,7 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
             logits = logits + mask.to(torch.float32)
         # padding keys out; clamped so that a query row with no key left (padding) stays finite
         logits = logits.masked_fill(~valid.view(batch, 1, 1, length), lowest).clamp_min(lowest)
-        return torch.softmax(logits, dim=-1).mean(dim=1)
+        return torch.softmax(logits, dim=-1).mean(dim=1) * valid.unsqueeze(-1)
     query_pos, key_pos = token_pos.unsqueeze(2), token_pos.unsqueeze(1)
     causal = (key_pos <= query_pos) & valid.unsqueeze(1)
     if window > 0:
@@ -57,36 +59,38 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tens
     if chunk > 0:
         causal = causal & (query_pos.div(chunk, rounding_mode="floor") == key_pos.div(chunk, rounding_mode="floor"))
     logits = logits.masked_fill(~causal.unsqueeze(1), torch.finfo(torch.float32).min)
-    return torch.softmax(logits, dim=-1).mean(dim=1)
+    # a padding query attends to nothing: its row is zero (not the uniform row an all-masked softmax gives), so
+    # policies that sum over every query row count real queries only
+    return torch.softmax(logits, dim=-1).mean(dim=1) * valid.unsqueeze(-1)
 
 
 @torch.library.custom_op("hae::prefill_plan_",
                          mutates_args=("slot_pos", "score", "modality", "seen", "prefill_keep", "extras"))
-def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], scales: list[float],
-                  windows: list[int], chunks: list[int], masks: list[torch.Tensor | None], token_pos: torch.Tensor,
-                  token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
+def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], values: list[torch.Tensor],
+                  scales: list[float], windows: list[int], chunks: list[int], masks: list[torch.Tensor | None],
+                  token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
                   modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
                   kept: torch.Tensor, config: str) -> None:
     """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
 
-    `queries`/`keys`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`, keys
-    `[B, Hkv, T, D]` (after RoPE) and softmax scale; `windows`/`chunks`: that layer's sliding window or attention
-    chunk (0: none), and the mask its attention applied (None: causal), so the plan reads the attention the layer
-    computes. `kept`: an empty `[0, K]` tensor whose width is the number of prompt tokens kept (a tensor dimension
-    stays symbolic in the one prefill graph for every prompt length; an int argument breaks Inductor's
-    decomposition of the functionalized op). `config`: the policy config's key."""
-    plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
-                 seen, prefill_keep, extras, kept, config)
+    `queries`/`keys`/`values`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`,
+    keys (after RoPE) and values `[B, Hkv, T, D]`, and softmax scale; `windows`/`chunks`: that layer's sliding
+    window or attention chunk (0: none), and the mask its attention applied (None: causal), so the plan reads the
+    attention the layer computes. `kept`: an empty `[0, K]` tensor whose width is the number of prompt tokens kept
+    (a tensor dimension stays symbolic in the one prefill graph for every prompt length; an int argument breaks
+    Inductor's decomposition of the functionalized op). `config`: the policy config's key."""
+    plan_prefill(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score,
+                 modality, seen, prefill_keep, extras, kept, config)
 
 
 @prefill_plan_.register_fake
-def _(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality, seen,
-      prefill_keep, extras, kept, config) -> None:
+def _(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
+      seen, prefill_keep, extras, kept, config) -> None:
     return None
 
 
-def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
-                 seen, prefill_keep, extras, kept, config) -> None:
+def plan_prefill(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score,
+                 modality, seen, prefill_keep, extras, kept, config) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
     The policy ranks the prompt tokens; the `kept_len = kept.shape[1]` highest (equal priorities: the lower position
@@ -103,11 +107,12 @@ def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token
     extra_names = list(policy.extra_buffers())
     state = SlotState(slot_pos=slot_pos, score=score, modality=modality, seen=seen,
                       extras=dict(zip(extra_names, extras, strict=True)))
-    prompt = Prompt(token_pos=token_pos, modality=token_modality)
-    attention = [mean_attention(q, k, token_pos, scale, window, chunk, mask)
-                 for q, k, scale, window, chunk, mask
-                 in zip(queries, keys, scales, windows, chunks, masks, strict=True)]
-    priority, token_score = policy.prefill_priority(prompt, attention)
+    prompt = Prompt(token_pos=token_pos, modality=token_modality, values=tuple(values))
+    row_scales = [policy.prefill_score_scale(prompt, k.shape[-1]) for k in keys]
+    attention = [mean_attention(q, k, token_pos, scale if row_scale is None else row_scale, window, chunk, mask)
+                 for q, k, scale, row_scale, window, chunk, mask
+                 in zip(queries, keys, scales, row_scales, windows, chunks, masks, strict=True)]
+    priority, token_score, *initial = policy.prefill_priority(prompt, attention)
     kept_len = kept.shape[1]
 
     # highest first, ties to the lower index (so the lower position): a stable sort, where topk's order is unspecified
@@ -123,5 +128,10 @@ def plan_prefill(queries, keys, scales, windows, chunks, masks, token_pos, token
     fill_prefix(slot_pos, kept_pos, -1)
     fill_prefix(modality, torch.where(kept, token_modality.gather(1, keep), TEXT).to(modality.dtype), 0)
     fill_prefix(score, torch.where(kept, token_score.gather(1, keep), 0.0), 0)
+    for name, per_token in (initial[0] if initial else {}).items():
+        trailing = per_token.shape[2:]
+        index = keep.view(*keep.shape, *[1] * len(trailing)).expand(*keep.shape, *trailing)
+        kept_here = kept.view(*kept.shape, *[1] * len(trailing))
+        fill_prefix(state.extras[name], torch.where(kept_here, per_token.gather(1, index), 0), 0)
     policy.after_prefill(state, rank=order, kept=kept)
     seen.copy_(prompt.seen.squeeze(-1))

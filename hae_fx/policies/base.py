@@ -51,10 +51,12 @@ class SlotState:
 @dataclass(frozen=True)
 class Prompt:
     """A prompt's metadata, as prefill policies see it: `token_pos` (`[B, T]` logical positions, -1 for padding)
-    and `modality` (`[B, T]` `TEXT`/`VISUAL`)."""
+    and `modality` (`[B, T]` `TEXT`/`VISUAL`), with the values of the layers the policy reads."""
 
     token_pos: torch.Tensor
     modality: torch.Tensor
+    #: per layer of `Policy.prefill_layers`, its prompt values `[B, Hkv, T, D]` (for priors on value norms)
+    values: tuple[torch.Tensor, ...] = ()
 
     @property
     def valid(self) -> torch.Tensor:
@@ -115,10 +117,17 @@ class Policy:
         name: the `policy` name of `config_class`.
         config_class: the policy's frozen config dataclass.
         evicts: whether the policy ever drops a token. Non-evicting policies need capacity for every token.
+        decode_needs_own_prefill, merges_evicted: see below.
     """
 
     config_class: ClassVar[type[PolicyConfig]] = PolicyConfig
     evicts: ClassVar[bool] = True
+    #: whether the decode hooks read per-slot state that only this policy's own prefill initialises (such a policy
+    #: cannot be the decode half of a composed policy)
+    decode_needs_own_prefill: ClassVar[bool] = False
+    #: whether each layer's prefill write merges the keys and values of the prompt tokens the plan drops into the
+    #: most similar kept ones (`hae::prefill_merge_write_`) instead of discarding them
+    merges_evicted: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
@@ -131,9 +140,16 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         """Raise `HAEConfigError` if the config cannot work with a text decoder of `num_layers` layers."""
 
-    def extra_buffers(self) -> dict[str, torch.dtype]:
-        """The policy's own per-slot `[B, C]` buffers, by name and dtype. The core allocates them (zeroed), resets
-        them, zeroes a slot's entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
+    def layer_capacities(self, global_layers: Sequence[int]) -> list[int] | None:
+        """Slots of each of `global_layers`, for a policy whose layers keep budgets of their own (PyramidKV); each
+        layer then has its own slot metadata and K/V buffers of its own size. None (the default): every layer keeps
+        `capacity` slots and one shared index set."""
+        return None
+
+    def extra_buffers(self) -> dict[str, torch.dtype | tuple[torch.dtype, tuple[int, ...]]]:
+        """The policy's own per-slot buffers, by name: a dtype for a `[B, C]` buffer, or `(dtype, trailing)` for a
+        `[B, C, *trailing]` one (a per-slot history). The core allocates them (zeroed), resets them, zeroes a slot's
+        entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
         """
         return {}
 
@@ -169,8 +185,14 @@ class Policy:
         """
         return min(prompt_len, self.config.capacity)
 
+    def prefill_score_scale(self, prompt: Prompt, head_dim: int) -> torch.Tensor | None:
+        """`[B, T]` softmax scale of each prompt query row in the attention `prefill_priority` reads, in place of
+        the model's own (a temperature for scoring only: the model's attention is unchanged); None keeps the
+        model's."""
+        return None
+
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
         """Priority and initial score of each prompt token.
 
         Args:
@@ -181,7 +203,9 @@ class Policy:
         Returns:
             `(priority, score)`, both `[B, T]` floating point (`score` float32): the `prefill_kept_len` highest
             priorities are kept (padding
-            must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with.
+            must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with. A third
+            item, optional, maps names of `extra_buffers` to per-token initial values `[B, T, *trailing]`: the core
+            writes the kept tokens' values into those buffers.
         """
         raise NotImplementedError
 
@@ -206,3 +230,8 @@ class Policy:
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         """`[B]` int64 slot a new token overwrites when every slot is occupied."""
         raise NotImplementedError
+
+    def after_decode_write(self, state: SlotState, slot: torch.Tensor, values: Sequence[torch.Tensor]) -> None:
+        """Called once per decode step, after the last global layer wrote the new token to slot `slot` (`[B]`),
+        with every global layer's new values (`[B, Hkv, 1, D]` each): for per-slot state derived from them. Cache
+        buffers are read by hae ops only, so this is where a policy sees values at decode."""
