@@ -154,6 +154,7 @@ class HAECache(Cache):
         self.config = config
         self.capacity = config.capacity
         self.policy = policy_for(config)
+        self.policy.check_model(num_layers)  # e.g. a dap_layer beyond the depth, before layers are grouped by it
         self.pruned_after = self.policy.pruned_after()
         global_layers = [index for index, kind in enumerate(layer_kinds) if not kind.windowed]
         capacities = self._group_layers(global_layers, num_layers)
