@@ -138,9 +138,12 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
     result: dict = {"model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
+    started = time.perf_counter()
     model = build(config, device, dtype)
     reference, result["hf_static_ms_per_token"] = timed_generate(model, inputs, new_tokens,
                                                                  cache_implementation="static")
+    print(f"{name}: HF static {result['hf_static_ms_per_token']:.2f} ms/token, "
+          f"{time.perf_counter() - started:.0f} s with its compile", flush=True)
     del model
     policies = {
         "full": hae_fx.HAEConfig(policy="full", capacity=prompt_len + new_tokens),

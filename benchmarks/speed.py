@@ -3,11 +3,14 @@
 Every configuration runs the same prompts on a fresh build of the same random weights: HF eager (dynamic cache),
 HF `generate(cache_implementation="static")` (HF compiles its decode step, `reduce-overhead`), hae `full`,
 `full` with HF's own decode loop (`transform(decode_loop="hf")`), hae at -50% and -80% KV, `hae` with hidden-state
-pruning, and `streaming` at -50%. Decode ms/token is the median interval between consecutive steps, each marked by a
-CUDA event that a logits processor records; the floor is (decoder weights + live KV bytes) / the copy bandwidth
-measured in the same run, so `floor ratio` says how far a step is from reading its bytes once.
+pruning, and `streaming` at -50%. `--policies` adds each named registered policy at `--capacity` slots (`h2o@448`,
+protecting what the accuracy sweep protects: 4 sinks, a window and bin of an eighth of the capacity). Decode ms/token
+is the median interval between consecutive steps, each marked by a CUDA event that a logits processor records;
+the floor is (decoder weights + live KV bytes) / the copy bandwidth measured in the same run, so `floor ratio` says
+how far a step is from reading its bytes once.
 
     python benchmarks/speed.py --model llava7b --batch 8 --out benchmarks/results          # on the GPU
+    python benchmarks/speed.py --configs hf_static --policies all --capacity 448 --out DIR   # every policy
     python benchmarks/speed.py --device cpu --quick --out DIR                               # a functional check
 
 Writes `speed_<model>_<prompt>.csv` (one row per configuration and batch), a JSON with every measurement and a
@@ -31,7 +34,9 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
 
 import hae_fx
+from hae_fx.config import PolicyConfig
 from hae_fx.models.llava import llava_prompt, tiny_llava, visual_token_count
+from hae_fx.policies import available, sweep_config
 
 #: HF and hae_fx generation paths; the hae ones name their capacity as a share of a full cache's
 CONFIGS = ("hf_eager", "hf_static", "full", "full_hf_loop", "hae50", "hae80", "hae50_prune", "streaming50")
@@ -163,7 +168,18 @@ def kv_bytes_per_token(model, batch: int) -> int:
     return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * head_dim * model.dtype.itemsize
 
 
-def hae_config(name: str, full_capacity: int) -> hae_fx.HAEConfig | None:
+def policy_config(label: str) -> PolicyConfig:
+    """The config of a `policy@capacity` label: the registered policy at that capacity, protecting 4 sinks and a
+    window and bin of an eighth of it (fields a policy does not declare are left out)."""
+    name, capacity = label.split("@")
+    slots = int(capacity)
+    return sweep_config(name, capacity=slots, sinks=min(4, slots // 4), window=max(1, slots // 8),
+                        bin_size=max(1, slots // 8))
+
+
+def hae_config(name: str, full_capacity: int) -> PolicyConfig | None:
+    if "@" in name:
+        return policy_config(name)
     if name in ("full", "full_hf_loop"):
         return hae_fx.HAEConfig(policy="full", capacity=full_capacity)
     if name not in KV_SHARE:
@@ -393,6 +409,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["llava7b"], default="llava7b")
     parser.add_argument("--prompt", choices=sorted(PROMPTS), default="llava")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--policies", nargs="+", default=[], choices=[*available(), "all"],
+                        help="registered policies to add at --capacity slots each (all: every one but full)")
+    parser.add_argument("--capacity", type=int, default=448, help="slots of each --policies configuration")
     parser.add_argument("--batch", nargs="+", type=int, default=[8])
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -409,7 +428,9 @@ def main() -> None:
     model_name = "tiny" if args.quick else args.model
     bandwidth = measure_bandwidth(args.device)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    configs = sorted(args.configs, key=lambda c: c != "hf_static")  # the token reference first
+    policies = [p for p in available() if p != "full"] if "all" in args.policies else args.policies
+    configs = args.configs + [f"{policy}@{args.capacity}" for policy in policies]
+    configs = sorted(configs, key=lambda c: c != "hf_static")  # the token reference first
     results: list[Result] = []
     reference_tokens: dict[int, torch.Tensor] = {}
     for batch in args.batch:

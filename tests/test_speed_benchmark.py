@@ -14,17 +14,19 @@ CONFIGS = ["hf_static", "full", "full_hf_loop", "hae50", "streaming50"]
 
 def test_quick_run_writes_table_csv_and_plot(tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARK), "--device", "cpu", "--quick", "--batch", "2",
-                          "--configs", *CONFIGS, "--out", str(tmp_path)],
+                          "--configs", *CONFIGS, "--policies", "h2o", "--capacity", "24",
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| config | batch |" in run.stdout
     with open(tmp_path / "speed_tiny_llava.csv") as handle:
         rows = {row["config"]: row for row in csv.DictReader(handle)}
-    assert sorted(rows) == sorted(CONFIGS)
+    assert sorted(rows) == sorted([*CONFIGS, "h2o@24"])
     assert float(rows["full"]["token_agreement"]) == 1.0
     assert float(rows["full_hf_loop"]["token_agreement"]) == 1.0
     full_bytes = int(rows["full"]["kv_bytes"])
     assert int(rows["hae50"]["kv_bytes"]) == int(rows["streaming50"]["kv_bytes"]) < 0.55 * full_bytes
+    assert int(rows["h2o@24"]["kv_bytes"]) < 0.5 * full_bytes
     for row in rows.values():
         assert float(row["decode_ms"]) > 0 and float(row["floor_ratio"]) > 0
     assert (tmp_path / "speed_tiny_llava.png").stat().st_size > 0
