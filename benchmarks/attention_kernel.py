@@ -304,7 +304,7 @@ def compiled_step_check(dtype: torch.dtype, out_dir: Path, batch: int = 8, capac
         torch._dynamo.mark_static_address(tensor)
 
     def step(q, k, v, slot):
-        torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot)
+        torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot, None, None)
         out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, scale)
         score.add_(slot_weight)
         return out

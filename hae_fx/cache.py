@@ -100,10 +100,8 @@ class HAELayer(CacheLayerMixin):
         scales = [self.key_scales, self.value_scales] if self.key_scales is not None else []
         return [self.keys, self.values, *scales]
 
-    def scale_arguments(self) -> dict[str, torch.Tensor]:
-        """The scale buffers the hae write ops take for quantized slots (none for unquantized ones)."""
-        if self.key_scales is None:
-            return {}
+    def scale_arguments(self) -> dict[str, torch.Tensor | None]:
+        """The scale buffers the hae write ops take for quantized slots (None for unquantized ones)."""
         return {"k_scale": self.key_scales, "v_scale": self.value_scales}
 
     def decode_view(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ class DecodeStep(torch.nn.Module):
             tensor._hae_role = CacheRole(name, 0 if name in ("keys", "values") else None)
 
     def forward(self, q, k, v, slot):
-        torch.ops.hae.slot_write_(self.keys, self.values, k, v, slot)
+        torch.ops.hae.slot_write_(self.keys, self.values, k, v, slot, None, None)
         self.slot_pos.index_put_((torch.tensor([0]), slot[:, 0]), torch.tensor(5))
         keys = self.keys[:, :, None].expand(1, 2, 2, 8, 16).reshape(1, 4, 8, 16)
         values = self.values[:, :, None].expand(1, 2, 2, 8, 16).reshape(1, 4, 8, 16)

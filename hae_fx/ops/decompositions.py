@@ -25,11 +25,11 @@ def register_inductor_decompositions() -> None:
         return
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.slot_write_.default)
-    def _slot_write(k_cache, v_cache, k, v, slot, k_scale=None, v_scale=None):
+    def _slot_write(k_cache, v_cache, k, v, slot, k_scale, v_scale):
         write_slots(k_cache, v_cache, k, v, slot, k_scale, v_scale)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_write_.default)
-    def _prefill_write(k_cache, v_cache, k, v, keep, kept, k_scale=None, v_scale=None):
+    def _prefill_write(k_cache, v_cache, k, v, keep, kept, k_scale, v_scale):
         write_prefix(k_cache, v_cache, k, v, keep, kept, k_scale, v_scale)
 
     @inductor_decomposition.register_decomposition(torch.ops.hae.prefill_merge_write_.default)

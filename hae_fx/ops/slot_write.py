@@ -33,15 +33,18 @@ def write_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
 
 @torch.library.custom_op("hae::slot_write_", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def slot_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                slot: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                slot: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     """Write `k`, `v` (`[B, Hkv, T, D]`) into slots `slot` (`[B, T]` int64) of `k_cache`, `v_cache`
-    (`[B, Hkv, C, D]`), quantized when the cache's scale buffers `k_scale`, `v_scale` are given."""
+    (`[B, Hkv, C, D]`), quantized when the cache's scale buffers `k_scale`, `v_scale` are given (None: unquantized).
+
+    The scales have no default on purpose: torch 2.11 drops defaulted trailing arguments before its
+    in-place-version kernel indexes the mutated ones by position (an IndexError in every compiled prefill there)."""
     write_slots(k_cache, v_cache, k, v, slot, k_scale, v_scale)
 
 
 @slot_write_.register_fake
 def _(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
-      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     return None
 
 
@@ -61,11 +64,12 @@ def write_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
 @torch.library.custom_op("hae::prefill_write_", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"),
                          tags=(torch.Tag.flexible_layout,))
 def prefill_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   keep: torch.Tensor, kept: torch.Tensor, k_scale: torch.Tensor | None = None,
-                   v_scale: torch.Tensor | None = None) -> None:
+                   keep: torch.Tensor, kept: torch.Tensor, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None) -> None:
     """Write the prompt tokens a policy kept into the first slots: slot `i` takes token `keep[b, i]` of `k`, `v`
     (`[B, Hkv, T, D]`) for `i < K`. One op per layer, so the DAP pass can defer a layer's write as a whole
-    until the keep set (`keep`, an `HAECache.prefill_keep` buffer) is decided. Quantized like `slot_write_`.
+    until the keep set (`keep`, an `HAECache.prefill_keep` buffer) is decided. Quantized like `slot_write_`, and its
+    scales have no default for the same reason.
 
     `kept` is an empty `[0, K]` tensor whose width is the number of kept tokens: a length passed as a tensor
     dimension stays symbolic in a prefill graph compiled for every prompt length, where an int argument breaks
@@ -75,5 +79,5 @@ def prefill_write_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor
 
 @prefill_write_.register_fake
 def _(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-      kept: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+      kept: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
     return None
