@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from expecttest import assert_expected_inline
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hae_fx.models.llava import tiny_llava
+from hae_fx.viz import FIGURE_PIXELS
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", *[f"w{i}" for i in range(60)], *"the cat sat on a mat".split()]
 
 
-def hae_fx_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hae_fx", *args], capture_output=True, text=True, timeout=600,
-                          check=False)
+def hae_fx_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hae_fx", *args], capture_output=True, text=True, timeout=900,
+                          check=False, cwd=cwd, env={**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +51,11 @@ def test_generate_streams_tokens_then_one_summary_line(text_model):
     assert all(word in WORDS for word in streamed.split())
     assert summary.startswith("8 tokens in ")
     assert "streaming KV 4.0 KiB vs full" in summary
+    # progress is on by default: loading and every compile are announced before they start
+    announced = [line for line in run.stderr.splitlines() if line.startswith("[hae_fx] ")]
+    assert announced[0] == f"[hae_fx] loading {text_model}"
+    assert "[hae_fx] hae: compiling the prefill graph (once for every prompt length, compiler eager)..." in announced
+    assert "[hae_fx] hae: compiling the decode graph (once, replayed every step, compiler eager)..." in announced
 
 
 def test_inspect_reads_the_structure_only(tmp_path):
@@ -63,15 +73,60 @@ KV bytes per sequence at 1024 tokens (float32): full cache 512.0 KiB, hae at bud
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["inspect", "--model", "/nonexistent"], "no config.json there"),
-    (["inspect", "--model", "{text_model}", "--budget", "1.5"], "--budget is the share of a full cache"),
-    (["inspect", "--model", "{text_model}", "--policy", "lru"], "unknown policy 'lru'"),
+    (["inspect", "--model", "/nonexistent"], "no config.json there; pass a folder written by save_pretrained"),
+    (["inspect", "--model", "{text_model}", "--budget", "1.5"], "--budget is the share of a full cache to keep, in"),
+    (["inspect", "--model", "{text_model}", "--budget", "0"], "--budget is the share of a full cache to keep, in"),
+    (["inspect", "--model", "{text_model}", "--policy", "lru"], "unknown policy 'lru'; choose one of full,"),
+    (["inspect", "--model", "{text_model}", "--context", "0"], "--context: must be at least 1, got 0"),
     (["generate", "--model", "{text_model}", "--prompt", "a", "--image", "/nonexistent.png"], "no such file"),
+    (["generate", "--model", "{text_model}", "--prompt", "a", "--max-new-tokens", "-3"], "must be at least 1"),
+    (["generate", "--model", "{llava}", "--prompt", "a"], "no tokenizer there"),
+    (["bench", "latency"], "argument benchmark: invalid choice: 'latency' (choose from accuracy, speed)"),
+    (["bench", "accuracy", "--budgets", "half"], "hae-fx bench accuracy: error: argument --budgets"),
 ])
-def test_bad_arguments_exit_2_saying_what_to_do(text_model, args, message):
-    run = hae_fx_cli(*(arg.format(text_model=text_model) for arg in args))
-    assert run.returncode == 2
+def test_bad_arguments_exit_2_saying_what_to_do(text_model, tmp_path, args, message):
+    if "{llava}" in args:
+        tiny_llava(seed=0, text_layers=1).save_pretrained(tmp_path)  # weights and config, no tokenizer
+    run = hae_fx_cli(*(arg.format(text_model=text_model, llava=tmp_path) for arg in args))
+    assert run.returncode == 2, run.stderr
     assert message in run.stderr
+
+
+def test_bad_log_level_exits_2():
+    run = hae_fx_cli("inspect", "--model", "/nonexistent", HAE_FX_LOG="LOUD")
+    assert run.returncode == 2
+    assert "HAE_FX_LOG: unknown log level 'LOUD'; use one of DEBUG, INFO, WARNING, ERROR" in run.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["generate"], ["bench"]])
+def test_every_command_has_help_with_examples(command):
+    run = hae_fx_cli(*command, "--help")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"usage: hae-fx {' '.join(command)}".rstrip())
+    examples = run.stdout.split("examples:\n", 1)[1].splitlines()
+    assert examples and all(line.startswith("  hae-fx ") for line in examples if line)
+    assert all(f"hae-fx {' '.join(command)}".rstrip() in line for line in examples if line)
+
+
+def test_unknown_family_exits_1_saying_what_to_do(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    run = hae_fx_cli("inspect", "--model", str(tmp_path))
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("hae-fx: HAEUnsupportedModelError: --model ")
+    assert "try a newer transformers if the family is recent" in last
+
+
+def test_family_without_a_generative_class_exits_1(tmp_path):
+    from transformers import CLIPConfig
+
+    CLIPConfig().save_pretrained(tmp_path)
+    run = hae_fx_cli("inspect", "--model", str(tmp_path))
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "hae-fx: HAEUnsupportedModelError: 'clip' (CLIPConfig) has no ImageTextToText class in transformers: hae-fx "
+        "runs generative decoders (the README's 'Supported models' lists the tested families); pass a causal-LM or "
+        "image-text-to-text checkpoint")
 
 
 def test_refused_model_exits_1_with_the_hae_error(tmp_path):
@@ -86,12 +141,52 @@ def test_refused_model_exits_1_with_the_hae_error(tmp_path):
     assert last.startswith("hae-fx: HAE") and "alibi" in last.lower()
 
 
-def test_demo_answers_with_both_caches(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "hae_fx", "demo", "--compiler", "eager"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900, check=False)
+def test_demo_marks_wrong_answers_against_one_baseline(tmp_path):
+    run = hae_fx_cli("demo", "--compiler", "eager", "--out", str(tmp_path / "pictures"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    answers = [line.split()[0:2] for line in run.stdout.splitlines() if line.strip().startswith(("full [", "hae  ["))]
-    assert len(answers) == 6
-    assert all(verdict in ("[correct]", "[WRONG]") for _, verdict in answers)
-    assert "less than full's" in run.stdout
-    assert (tmp_path / "scene.png").stat().st_size > 0 and (tmp_path / "kept_patches.png").stat().st_size > 0
+    lines = run.stdout.splitlines()
+    answers = [(index, line.split()) for index, line in enumerate(lines) if line.startswith(("   full ", "   hae "))]
+    assert [words[0] for _, words in answers] == ["full", "hae"] * 3
+    assert all(words[-1] in ("[correct]", "[WRONG]") for _, words in answers)
+    assert [words[-1] for _, words in answers if words[0] == "full"] == ["[correct]"] * 3
+    # the one baseline, stated once: the full cache the demo ran
+    assert [line for line in lines if "KiB" in line] == [
+        "KV cache, fixed for any prompt or answer: full 256 slots = 512 KiB (the baseline: the longest prompt plus "
+        "the longest answer); hae 140 slots = 280 KiB, 45% less"]
+    # a wrong description says what it invented or missed
+    for index, words in answers:
+        if words[-1] == "[WRONG]" and "column" in words:
+            assert lines[index + 1].strip().startswith(("invented: row", "missed: row"))
+    assert "[hae_fx] hae: compiling the decode graph" in run.stderr
+    assert lines[-1].startswith("speed (eager reference ops, no Inductor): full ")
+    pictures = tmp_path / "pictures"
+    assert Image.open(pictures / "scene.png").size == (96, 96)
+    assert Image.open(pictures / "kept_patches.png").size == FIGURE_PIXELS
+
+
+def test_bench_accuracy_runs_the_benchmark_with_its_options(tmp_path):
+    run = hae_fx_cli("bench", "accuracy", "--questions", "6", "--budgets", "0.59", "--policies", "full,hae",
+                     "--batch-size", "6", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "accuracy.csv") as handle:
+        rows = [(row["policy"], row["budget"]) for row in csv.DictReader(handle)]
+    assert rows == [("full", "1.0"), ("hae", "0.59")]
+    assert "| policy | budget |" in run.stdout
+    assert "accuracy: 100%" in run.stderr  # the progress bar over the runs
+    assert Image.open(tmp_path / "accuracy.png").size == (840, 540)
+
+
+def test_bench_speed_runs_the_benchmark_with_its_options(tmp_path):
+    run = hae_fx_cli("bench", "speed", "--device", "cpu", "--quick", "--batch", "1", "--configs", "full", "hae50",
+                     "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "speed_tiny_llava.csv") as handle:
+        assert [row["config"] for row in csv.DictReader(handle)] == ["full", "hae50"]
+    assert "speed: 100%" in run.stderr
+    assert (tmp_path / "speed_tiny_llava.png").stat().st_size > 0
+
+
+def test_bench_help_is_the_benchmarks_own():
+    run = hae_fx_cli("bench", "speed", "--help")
+    assert run.returncode == 0
+    assert run.stdout.startswith("usage: hae-fx bench speed [-h] [--model {llava7b}]")
