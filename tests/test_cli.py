@@ -1,4 +1,8 @@
-"""The `hae-fx` command line, run as users run it (`python -m hae_fx` in a subprocess) on tiny local checkpoints."""
+"""The `hae-fx` command line, run as users run it (`python -m hae_fx` in a subprocess) on tiny local checkpoints.
+
+Each command and each exit code runs in a subprocess at least once; the other argument checks call `main()` in
+this process (the same parser and the same handlers, without a second's worth of imports per case).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hae_fx import cli, logs
 from hae_fx.models.llava import tiny_llava
 from hae_fx.viz import FIGURE_PIXELS
 
@@ -25,6 +30,24 @@ WORDS = ["<pad>", "<s>", "</s>", "<unk>", *[f"w{i}" for i in range(60)], *"the c
 def hae_fx_cli(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hae_fx", *args], capture_output=True, text=True, timeout=900,
                           check=False, cwd=cwd, env={**os.environ, **env})
+
+
+@pytest.fixture
+def hae_fx_main(capsys):
+    """`hae_fx.cli.main(argv)` in this process: returns (exit code, stdout, stderr); the `hae_fx` logger is left as
+    it was (the command line attaches its own handler)."""
+    saved = (logs.logger.handlers[:], logs.logger.level, logs.logger.propagate)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:
+            code = exit.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield run
+    logs.logger.handlers[:], logs.logger.level, logs.logger.propagate = saved
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +95,14 @@ KV bytes per sequence at 1024 tokens (float32): full cache 512.0 KiB, hae at bud
 """)
 
 
+def test_missing_checkpoint_exits_2_saying_what_to_do():
+    run = hae_fx_cli("inspect", "--model", "/nonexistent")
+    assert run.returncode == 2
+    assert run.stderr.endswith("hae-fx: error: --model /nonexistent: no config.json there; pass a folder written by "
+                               "save_pretrained\n")
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (["inspect", "--model", "/nonexistent"], "no config.json there; pass a folder written by save_pretrained"),
     (["inspect", "--model", "{text_model}", "--budget", "1.5"], "--budget is the share of a full cache to keep, in"),
     (["inspect", "--model", "{text_model}", "--budget", "0"], "--budget is the share of a full cache to keep, in"),
     (["inspect", "--model", "{text_model}", "--policy", "lru"], "unknown policy 'lru'; choose one of full,"),
@@ -81,49 +110,70 @@ KV bytes per sequence at 1024 tokens (float32): full cache 512.0 KiB, hae at bud
     (["generate", "--model", "{text_model}", "--prompt", "a", "--image", "/nonexistent.png"], "no such file"),
     (["generate", "--model", "{text_model}", "--prompt", "a", "--max-new-tokens", "-3"], "must be at least 1"),
     (["generate", "--model", "{llava}", "--prompt", "a"], "no tokenizer there"),
-    (["bench", "latency"], "argument benchmark: invalid choice: 'latency' (choose from accuracy, speed)"),
+    (["bench", "latency"], "argument benchmark: invalid choice: 'latency'"),
     (["bench", "accuracy", "--budgets", "half"], "hae-fx bench accuracy: error: argument --budgets"),
 ])
-def test_bad_arguments_exit_2_saying_what_to_do(text_model, tmp_path, args, message):
+def test_bad_arguments_exit_2_saying_what_to_do(hae_fx_main, text_model, tmp_path, args, message):
     if "{llava}" in args:
         tiny_llava(seed=0, text_layers=1).save_pretrained(tmp_path)  # weights and config, no tokenizer
-    run = hae_fx_cli(*(arg.format(text_model=text_model, llava=tmp_path) for arg in args))
-    assert run.returncode == 2, run.stderr
-    assert message in run.stderr
+    code, _, err = hae_fx_main(*(arg.format(text_model=text_model, llava=tmp_path) for arg in args))
+    assert code == 2, err
+    assert message in err
 
 
-def test_bad_log_level_exits_2():
-    run = hae_fx_cli("inspect", "--model", "/nonexistent", HAE_FX_LOG="LOUD")
-    assert run.returncode == 2
-    assert "HAE_FX_LOG: unknown log level 'LOUD'; use one of DEBUG, INFO, WARNING, ERROR" in run.stderr
+def test_bad_log_level_exits_2(hae_fx_main, monkeypatch):
+    monkeypatch.setenv(logs.LOG_ENV, "LOUD")
+    code, _, err = hae_fx_main("inspect", "--model", "/nonexistent")
+    assert code == 2
+    assert "HAE_FX_LOG: unknown log level 'LOUD'; use one of DEBUG, INFO, WARNING, ERROR" in err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["generate"], ["bench"]])
-def test_every_command_has_help_with_examples(command):
-    run = hae_fx_cli(*command, "--help")
+@pytest.mark.parametrize(("flags", "env", "level"), [
+    ([], None, "INFO"), (["-q"], None, "WARNING"), (["-v"], None, "DEBUG"), ([], "debug", "DEBUG"),
+    ([], "WARNING", "WARNING"), (["--verbose"], "WARNING", "DEBUG"),
+])
+def test_log_level_from_flags_then_environment(monkeypatch, flags, env, level):
+    if env is None:
+        monkeypatch.delenv(logs.LOG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(logs.LOG_ENV, env)
+    args = cli.build_parser().parse_args(["demo", *flags])
+    assert cli.log_level(args) == logs.parse_level(level)
+
+
+def test_help_with_examples_in_a_subprocess():
+    run = hae_fx_cli("--help")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(f"usage: hae-fx {' '.join(command)}".rstrip())
-    examples = run.stdout.split("examples:\n", 1)[1].splitlines()
-    assert examples and all(line.startswith("  hae-fx ") for line in examples if line)
-    assert all(f"hae-fx {' '.join(command)}".rstrip() in line for line in examples if line)
+    assert run.stdout.startswith("usage: hae-fx [-h] COMMAND ...")
+    for command in ("demo", "inspect", "generate", "bench"):
+        assert f"\n  hae-fx {command} " in run.stdout
 
 
-def test_unknown_family_exits_1_saying_what_to_do(tmp_path):
+@pytest.mark.parametrize("command", ["demo", "inspect", "generate", "bench"])
+def test_every_command_has_help_with_examples(hae_fx_main, command):
+    code, out, _ = hae_fx_main(command, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: hae-fx {command} [-h] [-v] [-q]")
+    examples = [line for line in out.split("examples:\n", 1)[1].splitlines() if line]
+    assert examples and all(line.startswith(f"  hae-fx {command} ") for line in examples)
+
+
+def test_unknown_family_exits_1_saying_what_to_do(hae_fx_main, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
-    run = hae_fx_cli("inspect", "--model", str(tmp_path))
-    assert run.returncode == 1
-    last = run.stderr.strip().splitlines()[-1]
+    code, _, err = hae_fx_main("inspect", "--model", str(tmp_path))
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert last.startswith("hae-fx: HAEUnsupportedModelError: --model ")
     assert "try a newer transformers if the family is recent" in last
 
 
-def test_family_without_a_generative_class_exits_1(tmp_path):
+def test_family_without_a_generative_class_exits_1(hae_fx_main, tmp_path):
     from transformers import CLIPConfig
 
     CLIPConfig().save_pretrained(tmp_path)
-    run = hae_fx_cli("inspect", "--model", str(tmp_path))
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == (
+    code, _, err = hae_fx_main("inspect", "--model", str(tmp_path))
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
         "hae-fx: HAEUnsupportedModelError: 'clip' (CLIPConfig) has no ImageTextToText class in transformers: hae-fx "
         "runs generative decoders (the README's 'Supported models' lists the tested families); pass a causal-LM or "
         "image-text-to-text checkpoint")
@@ -186,7 +236,9 @@ def test_bench_speed_runs_the_benchmark_with_its_options(tmp_path):
     assert (tmp_path / "speed_tiny_llava.png").stat().st_size > 0
 
 
-def test_bench_help_is_the_benchmarks_own():
-    run = hae_fx_cli("bench", "speed", "--help")
-    assert run.returncode == 0
-    assert run.stdout.startswith("usage: hae-fx bench speed [-h] [--model {llava7b}]")
+@pytest.mark.parametrize(("benchmark", "usage"), [("accuracy", "[-h] [--quick]"),
+                                                   ("speed", "[-h] [--model {llava7b}]")])
+def test_bench_help_is_the_benchmarks_own(hae_fx_main, benchmark, usage):
+    code, out, _ = hae_fx_main("bench", benchmark, "--help")
+    assert code == 0
+    assert out.startswith(f"usage: hae-fx bench {benchmark} {usage}")
