@@ -50,7 +50,7 @@ def configure(level: int | str) -> None:
     for handler in [h for h in logger.handlers if isinstance(h, _ProgressAwareHandler)]:
         logger.removeHandler(handler)
     handler = _ProgressAwareHandler()
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    handler.setFormatter(logging.Formatter("[hae_fx] %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
