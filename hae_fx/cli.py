@@ -43,12 +43,12 @@ EXAMPLES = {
 """,
     "inspect": """examples:
   hae-fx inspect --model ./llava-1.5-7b-hf --budget 0.5 --context 4096
-  hae-fx inspect --model ./gemma-3-270m --policy streaming --budget 0.25 --context 32768
+  hae-fx inspect --model ~/.cache/hae_fx/gemma3-270m --policy streaming --budget 0.25 --context 32768
 """,
     "generate": """examples:
   hae-fx generate --model ./llava-1.5-7b-hf --image cat.png --prompt "What is in the picture?" --budget 0.5
-  hae-fx generate --model ./gemma-3-270m --prompt "The capital of France is" --policy streaming --budget 0.25
-  hae-fx generate --model ./gemma-3-270m --prompt "Once upon a time" --compiler eager    # no compile wait
+  hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "The capital of France is" --policy streaming
+  hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "Once upon a time" --compiler eager  # no compile wait
 """,
     "bench": """examples:
   hae-fx bench accuracy --quick                       # 60 questions, 3 budgets, every policy
@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(inspect, context_default=4096)
     generate = command("generate", "generate from a prompt (and an image), tokens streamed, then one summary line")
     model_options(generate, context_default=None)
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True,
+                          help="the text prompt; with --image, the processor's image token is prepended if missing")
     generate.add_argument("--image", type=Path, help="an image file, for a vision-language model")
     generate.add_argument("--max-new-tokens", type=positive_int, default=64)
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
