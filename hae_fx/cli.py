@@ -132,12 +132,19 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    """Run `benchmarks/<name>.py`'s `main` with the remaining arguments (its own parser reads them)."""
+    """Run `benchmarks/<name>.py`'s `main` with the remaining arguments (its own parser reads them).
+
+    Without `--out`, results go to `bench-results/<name>` in the current folder: the scripts' own default is the
+    recorded results next to them, which in an installed package is inside site-packages.
+    """
     benchmark = importlib.import_module(f"hae_fx.benchmarks.{args.benchmark}")
+    options = args.options
+    if not any(option == "--out" or option.startswith("--out=") for option in options):
+        options = [*options, "--out", str(Path("bench-results") / args.benchmark)]
     program = sys.argv[0]
     sys.argv[0] = f"hae-fx bench {args.benchmark}"  # the benchmark's usage and error lines name this command
     try:
-        benchmark.main(args.options)
+        benchmark.main(options)
     finally:
         sys.argv[0] = program
 
@@ -277,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("benchmark", choices=BENCHMARKS, help="accuracy: SynthVLM accuracy against KV budget per "
                        "policy; speed: decode ms/token, time to first token and memory per generation path")
     bench.add_argument("options", nargs=argparse.REMAINDER,
-                       help="the benchmark's own options, passed on (`hae-fx bench accuracy --help` lists them)")
+                       help="the benchmark's own options, passed on (`hae-fx bench accuracy --help` lists them); "
+                            "without --out, results go to bench-results/<benchmark>")
     return parser
 
 

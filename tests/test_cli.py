@@ -242,3 +242,11 @@ def test_bench_help_is_the_benchmarks_own(hae_fx_main, benchmark, usage):
     code, out, _ = hae_fx_main("bench", benchmark, "--help")
     assert code == 0
     assert out.startswith(f"usage: hae-fx bench {benchmark} {usage}")
+
+
+def test_bench_results_default_to_the_current_folder(hae_fx_main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = hae_fx_main("bench", "speed", "--device", "cpu", "--quick", "--batch", "1", "--configs",
+                               "hf_eager", "--new-tokens", "2")
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "bench-results" / "speed" / "speed_tiny_llava.csv").is_file()
