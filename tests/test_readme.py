@@ -5,8 +5,10 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import hae_fx
+from hae_fx.viz import FIGURE_PIXELS
 from tests.families import FAMILIES
 
 README = Path(__file__).parents[1] / "README.md"
@@ -39,4 +41,5 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         except Exception as error:
             pytest.fail(f"README python block {number} raised {type(error).__name__}: {error}\n{block}")
     assert (tmp_path / "kept.png").stat().st_size > 0
+    assert Image.open(tmp_path / "kept_states.png").size == FIGURE_PIXELS
     assert isinstance(namespace["out"].past_key_values, hae_fx.HAECache)
