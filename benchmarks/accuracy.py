@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import hae_fx
 from hae_fx.config import PolicyConfig
@@ -263,13 +264,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
           + ", ".join(f"{g.name} ({len(g.examples)}, full cache {g.full_length} slots)" for g in groups))
     rows: list[Row] = []
     start = time.perf_counter()
-    for variant in chosen:
-        for budget in budgets if variant.evicts else (1.0,):
-            rows.append(run(base, tokenizer, variant, budget, groups, batch_size=args.batch_size, options=options))
-            row = rows[-1]
-            print(f"{row.variant:>10} {row.budget:>5.0%}  KV {row.kv_bytes / row.full_kv_bytes:.2f}x  "
-                  f"visual kept {row.visual_kept_prefill:.0%}/{row.visual_kept_end:.0%}  "
-                  f"overall {100 * row.accuracy['overall']:.1f}  ({row.seconds:.0f} s)", flush=True)
+    runs = [(variant, budget) for variant in chosen for budget in (budgets if variant.evicts else (1.0,))]
+    progress = tqdm(runs, desc="accuracy", unit="run")
+    for variant, budget in progress:
+        progress.set_postfix_str(f"{variant.name} {budget:.0%}")
+        rows.append(run(base, tokenizer, variant, budget, groups, batch_size=args.batch_size, options=options))
+        row = rows[-1]
+        progress.write(f"{row.variant:>10} {row.budget:>5.0%}  KV {row.kv_bytes / row.full_kv_bytes:.2f}x  "
+                       f"visual kept {row.visual_kept_prefill:.0%}/{row.visual_kept_end:.0%}  "
+                       f"overall {100 * row.accuracy['overall']:.1f}  ({row.seconds:.0f} s)")
     table = markdown_table(rows)
     print(table)
     command = "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + \

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
 
 import hae_fx
@@ -404,7 +405,7 @@ def plot(results: list[Result], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["llava7b"], default="llava7b")
     parser.add_argument("--prompt", choices=sorted(PROMPTS), default="llava")
@@ -421,7 +422,7 @@ def main() -> None:
                         help="configs whose first generate records the CUDA allocator history; writes the blocks "
                              "alive at peak to peak_allocations_<config>_b<batch>.json")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens = min(args.new_tokens, 8)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -433,12 +434,13 @@ def main() -> None:
     configs = sorted(configs, key=lambda c: c != "hf_static")  # the token reference first
     results: list[Result] = []
     reference_tokens: dict[int, torch.Tensor] = {}
-    for batch in args.batch:
-        for name in configs:
-            result = run_config(name, args, batch, PROMPTS[args.prompt], bandwidth, reference_tokens)
-            release(args.device)
-            results.append(result)
-            print(json.dumps(asdict(result)), flush=True)
+    progress = tqdm([(batch, name) for batch in args.batch for name in configs], desc="speed", unit="config")
+    for batch, name in progress:
+        progress.set_postfix_str(f"{name} batch {batch}")
+        result = run_config(name, args, batch, PROMPTS[args.prompt], bandwidth, reference_tokens)
+        release(args.device)
+        results.append(result)
+        progress.write(json.dumps(asdict(result)))
     stem = args.out / f"speed_{model_name}_{args.prompt}"
     with open(f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")

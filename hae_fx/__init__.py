@@ -7,13 +7,18 @@
     print(hae_fx.report(out.past_key_values))   # kept visual/text tokens, bin, KV bytes vs a full cache
 """
 
-from hae_fx import ops  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
+from hae_fx import (
+    logs,
+    ops,  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
+)
 from hae_fx.cache import HAECache
 from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
 from hae_fx.inspect import ModelInspection, inspect
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.report import CacheReport, report
 from hae_fx.transform import transform
+
+logs.configure_from_environment()  # HAE_FX_LOG=INFO shows compiles as they start
 
 __all__ = [
     "CacheReport",

@@ -1,17 +1,21 @@
 """The `hae-fx` command line (also `python -m hae_fx`): generate with an evicting cache from a local checkpoint,
-and inspect what hae_fx would do to a model before anything runs.
+inspect what hae_fx would do to a model before anything runs, run the demo and the benchmarks.
 
-    hae-fx demo
+    hae-fx demo [--compiler eager]
     hae-fx inspect --model DIR [--policy hae --budget 0.5 --context 4096]
     hae-fx generate --model DIR --prompt TEXT [--image FILE] [--policy hae --budget 0.5 --device cuda]
+    hae-fx bench accuracy|speed [the benchmark's own options]
 
 Everything is offline: `--model` is a local folder as `save_pretrained` writes it. Exit codes: 0 on success, 1
 when hae_fx refuses the model or the request (the message says why and what to do), 2 for bad arguments.
+Progress goes to stderr through the `hae_fx` logger (compiles are announced; `-q` hides it, `-v` adds debugging
+detail, `HAE_FX_LOG=WARNING|INFO|DEBUG` sets the level without a flag).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -21,24 +25,54 @@ from pathlib import Path
 
 import torch
 
+from hae_fx import logs
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAEError
+from hae_fx.errors import HAEError, HAEUnsupportedModelError
 from hae_fx.policies import available, sweep_config
 
 log = logging.getLogger("hae_fx")
 
-#: environment variable that sets the log level when `--verbose` is not given (e.g. `HAE_FX_LOG=DEBUG`)
-LOG_ENV = "HAE_FX_LOG"
+#: the benchmarks `hae-fx bench` runs: `benchmarks/<name>.py`, installed as `hae_fx.benchmarks.<name>`
+BENCHMARKS = ("accuracy", "speed")
 
-EXAMPLES = """examples:
+EXAMPLES = {
+    "demo": """examples:
+  hae-fx demo                       # compiles with Inductor first (minutes on a 2-core CPU)
+  hae-fx demo --compiler eager      # no compile wait: the rewritten graphs run on the ops' reference code
+  hae-fx demo --out pictures/       # scene.png and kept_patches.png go there
+""",
+    "inspect": """examples:
   hae-fx inspect --model ./llava-1.5-7b-hf --budget 0.5 --context 4096
+  hae-fx inspect --model ~/.cache/hae_fx/gemma3-270m --policy streaming --budget 0.25 --context 32768
+""",
+    "generate": """examples:
   hae-fx generate --model ./llava-1.5-7b-hf --image cat.png --prompt "What is in the picture?" --budget 0.5
-  hae-fx generate --model ./gemma-3-270m --prompt "The capital of France is" --policy streaming --budget 0.25
-"""
+  hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "The capital of France is" --policy streaming
+  hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "Once upon a time" --compiler eager  # no compile wait
+""",
+    "bench": """examples:
+  hae-fx bench accuracy --quick                       # 60 questions, 3 budgets, every policy
+  hae-fx bench accuracy --policies full,hae,streaming --budgets 0.59,0.4 --out results/
+  hae-fx bench speed --device cpu --quick --out results/
+  hae-fx bench speed --batch 8 --out results/         # on a GPU: LLaVA-1.5-7B shapes
+  hae-fx bench accuracy --help                        # the benchmark's own options
+""",
+}
 
 
 class UsageError(Exception):
     """A command-line argument that cannot work (exit code 2)."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def policy_config(policy: str, budget: float, context: int) -> PolicyConfig:
@@ -68,7 +102,13 @@ def kv_bytes(model: torch.nn.Module, capacity: int, dtype: torch.dtype) -> int:
 def _model_class(config):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:
+        raise HAEUnsupportedModelError(
+            f"{config.model_type!r} ({type(config).__name__}) has no {auto.__name__.removeprefix('AutoModelFor')} "
+            "class in transformers: hae-fx runs generative decoders (the README's 'Supported models' lists the tested "
+            "families); pass a causal-LM or image-text-to-text checkpoint")
+    return auto
 
 
 def _load_config(path: Path):
@@ -76,13 +116,37 @@ def _load_config(path: Path):
 
     if not (path / "config.json").is_file():
         raise UsageError(f"--model {path}: no config.json there; pass a folder written by save_pretrained")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except ValueError as error:  # a model_type this transformers does not know
+        raise HAEUnsupportedModelError(
+            f"--model {path}: transformers cannot read its config.json ({str(error).splitlines()[0]}); hae-fx runs "
+            "the families transformers implements (the README's 'Supported models'): try a newer transformers if "
+            "the family is recent") from None
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from hae_fx.demo import main as demo
 
-    demo(compiler=args.compiler)
+    demo(compiler=args.compiler, out=args.out)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """Run `benchmarks/<name>.py`'s `main` with the remaining arguments (its own parser reads them).
+
+    Without `--out`, results go to `bench-results/<name>` in the current folder: the scripts' own default is the
+    recorded results next to them, which in an installed package is inside site-packages.
+    """
+    benchmark = importlib.import_module(f"hae_fx.benchmarks.{args.benchmark}")
+    options = args.options
+    if not any(option == "--out" or option.startswith("--out=") for option in options):
+        options = [*options, "--out", str(Path("bench-results") / args.benchmark)]
+    program = sys.argv[0]
+    sys.argv[0] = f"hae-fx bench {args.benchmark}"  # the benchmark's usage and error lines name this command
+    try:
+        benchmark.main(options)
+    finally:
+        sys.argv[0] = program
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -110,6 +174,8 @@ def run_generate(args: argparse.Namespace) -> None:
     multimodal = hasattr(config, "vision_config")
     if args.image is not None and not multimodal:
         raise UsageError(f"--image given but {args.model} is a text model ({config.model_type})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     inputs, tokenizer = _prompt_inputs(args, multimodal)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     log.info("loading %s", args.model)
@@ -144,64 +210,103 @@ def _size(nbytes: int) -> str:
 
 
 def _prompt_inputs(args: argparse.Namespace, multimodal: bool):
+    from PIL import Image, UnidentifiedImageError
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kind = "tokenizer" if args.image is None else "processor"
+    try:
+        loader = AutoTokenizer if args.image is None else AutoProcessor
+        reader = loader.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--model {args.model}: no {kind} there ({str(error).splitlines()[0]}); save it next to the "
+                         f"weights with {kind}.save_pretrained(DIR)") from None
     if args.image is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        return dict(tokenizer(args.prompt, return_tensors="pt")), tokenizer
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-    image_token = getattr(processor, "image_token", "<image>")
+        return dict(reader(args.prompt, return_tensors="pt")), reader
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except UnidentifiedImageError:
+        raise UsageError(f"--image {args.image}: not an image file PIL can read (PNG, JPEG, ...)") from None
+    image_token = getattr(reader, "image_token", "<image>")
     text = args.prompt if image_token in args.prompt else f"{image_token}\n{args.prompt}"
-    inputs = processor(text=text, images=Image.open(args.image).convert("RGB"), return_tensors="pt")
-    return dict(inputs), processor.tokenizer
+    inputs = reader(text=text, images=image, return_tensors="pt")
+    return dict(inputs), reader.tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hae-fx", description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+    parser = argparse.ArgumentParser(prog="hae-fx", description=__doc__.split("\n\n")[0],
+                                     epilog="".join(EXAMPLES.values()).replace("\nexamples:\n", "\n"),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help=f"-v for progress (INFO), -vv for debugging; or set {LOG_ENV}=INFO|DEBUG")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # logging flags work before or after the command (`hae-fx -q demo`, `hae-fx demo -q`)
+    logging_flags = argparse.ArgumentParser(add_help=False)
+    logging_flags.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="debugging detail (what the passes found in each graph)")
+    logging_flags.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                               help=f"warnings and errors only; {logs.LOG_ENV}=WARNING|INFO|DEBUG sets the level "
+                                    "without a flag (default INFO: loading and compiles are announced)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=argparse.SUPPRESS)
+    parser.add_argument("-q", "--quiet", action="store_true", default=False, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser, context_default: int | None) -> None:
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[logging_flags], epilog=EXAMPLES[name],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def model_options(sub: argparse.ArgumentParser, context_default: int | None) -> None:
         sub.add_argument("--model", type=Path, required=True, help="a local HF checkpoint folder")
         sub.add_argument("--policy", default="hae", help=f"eviction policy: {', '.join(available())}")
         sub.add_argument("--budget", type=float, default=0.5,
                          help="share of a full cache to keep, in (0, 1] (default 0.5)")
         if context_default is not None:
-            sub.add_argument("--context", type=int, default=context_default,
-                             help="tokens (prompt + generated) the budget is a share of")
+            sub.add_argument("--context", type=positive_int, default=context_default,
+                             help=f"tokens (prompt + generated) the budget is a share of (default {context_default})")
 
-    demo = commands.add_parser("demo", help="the shipped SynthVLM answers questions with a full cache and with hae")
-    demo.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
-                      help="eager: run the rewritten graphs without Inductor (no compile wait)")
-    inspect = commands.add_parser("inspect", help="the layers, their cache slots and the plan, before anything runs",
-                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(inspect, context_default=4096)
-    generate = commands.add_parser("generate", help="generate from a prompt (and an image), tokens streamed",
-                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(generate, context_default=None)
-    generate.add_argument("--prompt", required=True)
+    def compiler_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
+                         help="eager: run the rewritten graphs without Inductor (no compile wait; slower steps)")
+
+    demo = command("demo", "the shipped SynthVLM answers questions with a full cache and with hae, side by side")
+    compiler_option(demo)
+    demo.add_argument("--out", type=Path, default=Path("."),
+                      help="folder for scene.png and kept_patches.png (default: the current one)")
+    inspect = command("inspect", "a model's layers, their cache slots and the plan, before anything runs")
+    model_options(inspect, context_default=4096)
+    generate = command("generate", "generate from a prompt (and an image), tokens streamed, then one summary line")
+    model_options(generate, context_default=None)
+    generate.add_argument("--prompt", required=True,
+                          help="the text prompt; with --image, the processor's image token is prepended if missing")
     generate.add_argument("--image", type=Path, help="an image file, for a vision-language model")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                           help="weights dtype (default: the checkpoint's)")
-    generate.add_argument("--compiler", choices=["inductor", "eager"], default="inductor",
-                          help="eager: run the rewritten graphs without Inductor (no compile wait; slower steps)")
+    compiler_option(generate)
+    bench = command("bench", "run a benchmark (benchmarks/accuracy.py or speed.py): progress, a table, CSV and a plot")
+    bench.add_argument("benchmark", choices=BENCHMARKS, help="accuracy: SynthVLM accuracy against KV budget per "
+                       "policy; speed: decode ms/token, time to first token and memory per generation path")
+    bench.add_argument("options", nargs=argparse.REMAINDER,
+                       help="the benchmark's own options, passed on (`hae-fx bench accuracy --help` lists them); "
+                            "without --out, results go to bench-results/<benchmark>")
     return parser
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """`--verbose` DEBUG, `--quiet` WARNING, else `$HAE_FX_LOG`, else INFO (loading and compiles announced)."""
+    if args.verbose:
+        return logging.DEBUG
+    if args.quiet:
+        return logging.WARNING
+    try:
+        return logs.parse_level(os.environ.get(logs.LOG_ENV) or "INFO")
+    except ValueError as error:
+        raise UsageError(f"{logs.LOG_ENV}: {error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = {0: os.environ.get(LOG_ENV, "WARNING").upper(), 1: "INFO"}.get(args.verbose, "DEBUG")
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"demo": run_demo, "inspect": run_inspect, "generate": run_generate}[args.command](args)
+        logs.configure(log_level(args))
+        {"demo": run_demo, "inspect": run_inspect, "generate": run_generate, "bench": run_bench}[args.command](args)
     except UsageError as error:
         parser.error(str(error))  # exits with 2
     except HAEError as error:
