@@ -24,11 +24,9 @@ code); decode never runs it.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import logging
-import re
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -143,7 +141,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             # automatic dynamic off: Dynamo keys what it learned about a frame by its file, line and name, which every
             # transformed model's prefill shares; only the dimensions marked here are dynamic
             with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL, automatic_dynamic_shapes=False), \
-                    _hae_errors_unwrapped(), _towers_refused(language_model, towers):
+                    _towers_refused(language_model, towers):
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -153,11 +151,10 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if not isinstance(cache, HAECache):
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
-            with _hae_errors_unwrapped():
-                if _prompt_tensor(args, kwargs).shape[1] > 1:
-                    return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
-                cache.begin_decode_step()
-                return compiled_decode(*args, **kwargs)
+            if _prompt_tensor(args, kwargs).shape[1] > 1:
+                return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
+            cache.begin_decode_step()
+            return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
         cache.begin_prefill(token_pos, modality)
         output = eager_forward(*args, **kwargs)
@@ -224,48 +221,15 @@ def _shapes_note(phase: str) -> str:
 
 
 @contextlib.contextmanager
-def _hae_errors_unwrapped() -> Iterator[None]:
-    """Re-raise an `HAEError` as itself, not wrapped by Dynamo: raised by the hae backend (BackendCompilerFailed) or
-    by hae_fx code Dynamo was tracing (Unsupported, caused by an `Observed<Name>Error`)."""
-    try:
-        yield
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        if isinstance(error.inner_exception, HAEError):
-            raise error.inner_exception from None
-        raise
-    except torch._dynamo.exc.Unsupported as error:
-        traced = _traced_hae_error(error)
-        if traced is not None:
-            raise traced from None
-        raise
-
-
-@contextlib.contextmanager
 def _towers_refused(language_model: torch.nn.Module, towers: list[str]) -> Iterator[None]:
-    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name."""
+    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name (an `HAEError`
+    found while tracing is raised by the compiled graph instead, `hae_fx.ops.refuse`)."""
     try:
         yield
     except torch._dynamo.exc.Unsupported as error:
-        if towers and _traced_hae_error(error) is None:
+        if towers:
             raise tower_not_traceable(language_model, towers, error) from error
         raise
-
-
-def _traced_hae_error(error: BaseException) -> HAEError | None:
-    """The `HAEError` that hae_fx code raised while Dynamo traced it, rebuilt from Dynamo's record of it."""
-    observed_types = {observed: raised for raised, observed in torch._dynamo.exc.observed_exception_map.items()}
-    cause: BaseException | None = error
-    while cause is not None:
-        raised = observed_types.get(type(cause))
-        if raised is not None and issubclass(raised, HAEError) and cause.args:
-            text = str(cause.args[0])
-            match = re.fullmatch(rf"raised exception {raised.__name__}\((.*)\)", text, flags=re.DOTALL)
-            if match:
-                with contextlib.suppress(ValueError, SyntaxError):
-                    text = str(ast.literal_eval(match.group(1)))
-            return raised(text)
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]

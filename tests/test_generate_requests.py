@@ -110,7 +110,7 @@ def test_a_cache_without_the_models_windows_is_refused():
 @pytest.mark.parametrize("changes, shape", [(dict(kv_heads=1), "1 KV heads of dim 16"),
                                             (dict(head_dim=8), "2 KV heads of dim 8")])
 def test_a_user_built_cache_of_other_heads_is_refused_at_the_first_keys(changes, shape):
-    message = rf"caches keys of shape \(1, 2, \w+, 16\) .* sized for {shape}; build the cache with HAECache\(\.\.\."
+    message = rf"caches keys of 2 KV heads of dim 16 .* sized for {shape}; build the cache with HAECache\(\.\.\."
     with pytest.raises(HAEUnsupportedModelError, match=message):
         _model().generate(_prompt(), past_key_values=_cache(**changes), max_new_tokens=3)
 
@@ -203,13 +203,32 @@ def test_a_backend_refusal_under_the_callers_own_compile_is_the_hae_error(fullgr
         compiled(input_ids=prompt, past_key_values=cache)
 
 
-def test_a_traced_refusal_under_the_callers_own_compile_is_the_hae_error():
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_traced_refusal_under_the_callers_own_compile_is_the_hae_error(fullgraph):
     """An HAEError raised while Dynamo traces the cache (here: keys of another shape than the cache's) under the
-    caller's own `torch.compile(backend="hae")`: Dynamo breaks the graph there and the error is raised as itself."""
+    caller's own `torch.compile(backend="hae")` is raised as itself: with `fullgraph=True` too, where Dynamo reports a
+    raise in traced code as `Unsupported: Observed exception`."""
+    torch._dynamo.reset()  # a frame that failed to compile before (fullgraph=False) would now run eagerly
     model = LLAMA.build()
     cache = _cache(kv_heads=1)
     prompt = _prompt()
     cache.begin_prefill(torch.arange(prompt.shape[1]).unsqueeze(0))
-    compiled = torch.compile(model, backend="hae", options=EAGER)
-    with pytest.raises(HAEUnsupportedModelError, match=r"sized for 1 KV heads of dim 16"):
+    compiled = torch.compile(model, backend="hae", options=EAGER, fullgraph=fullgraph)
+    with pytest.raises(HAEUnsupportedModelError, match=r"sized for 1 KV heads of dim 16") as raised:
         compiled(input_ids=prompt, past_key_values=cache)
+    assert type(raised.value) is HAEUnsupportedModelError
+
+
+def test_a_traced_refusal_at_decode_under_the_callers_own_fullgraph_compile_is_the_hae_error():
+    """Several tokens on a prefilled cache, under the caller's own `torch.compile(backend="hae", fullgraph=True)`."""
+    torch._dynamo.reset()  # as above
+    model = LLAMA.build()
+    cache = _cache()
+    prompt = _prompt()
+    cache.begin_prefill(torch.arange(prompt.shape[1]).unsqueeze(0))
+    compiled = torch.compile(model, backend="hae", options=EAGER, fullgraph=True)
+    compiled(input_ids=prompt, past_key_values=cache)
+    cache.end_prefill()
+    with pytest.raises(HAECapacityError, match=r"HAECache decodes one token per step, got 2") as raised:
+        compiled(input_ids=prompt[:, :2], past_key_values=cache, position_ids=torch.tensor([[12, 13]]))
+    assert type(raised.value) is HAECapacityError
