@@ -5,11 +5,9 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
 
 import hae_fx
-from hae_fx import HAECapacityError, HAEConfig, HAEConfigError, HAESiteError, HAEUnsupportedModelError
+from hae_fx import HAECapacityError, HAEConfig, HAEConfigError, HAEUnsupportedModelError
 from tests.families import BY_NAME
 
 EAGER = {"hae.compiler": "eager"}
@@ -174,34 +172,6 @@ def test_transforming_again_after_clearing_hae_config_starts_from_the_plain_mode
 
 
 # -- errors raised while compiling reach the caller as themselves --------------------------------------------------
-
-def _einsum_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An attention implementation the passes do not know: plain einsums."""
-    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
-    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
-    weights = torch.einsum("bhqd,bhkd->bhqk", query, key) * scaling
-    if attention_mask is not None:
-        weights = weights.masked_fill(~attention_mask, float("-inf"))
-    out = torch.einsum("bhqk,bhkd->bhqd", weights.softmax(-1), value)
-    return out.transpose(1, 2).contiguous(), None
-
-
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_a_backend_refusal_under_the_callers_own_compile_is_the_hae_error(fullgraph):
-    """`torch.compile(model, backend="hae")` without `transform`: the plan pass finds no attention it knows for
-    `hae`'s DAP layer; the HAESiteError is raised as itself, not as Dynamo's BackendCompilerFailed."""
-    AttentionInterface.register("einsum_attention", _einsum_attention)
-    AttentionMaskInterface.register("einsum_attention", sdpa_mask)
-    model = LLAMA.build()
-    model.set_attn_implementation("einsum_attention")
-    config = HAEConfig(policy="hae", capacity=12, sinks=2, window=3, bin_size=2)
-    cache = hae_fx.HAECache.for_model(model, config, batch=1)
-    prompt = _prompt()
-    cache.begin_prefill(torch.arange(prompt.shape[1]).unsqueeze(0))
-    compiled = torch.compile(model, backend="hae", options=EAGER, fullgraph=fullgraph)
-    with pytest.raises(HAESiteError, match=r"the prefill plan reads layer 1's attention, but 0 attention\(s\)"):
-        compiled(input_ids=prompt, past_key_values=cache)
-
 
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_a_traced_refusal_under_the_callers_own_compile_is_the_hae_error(fullgraph):
