@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from hae_fx.backend import GraphRecord, hae_backend
+from hae_fx.batch_buckets import bucket, drop_padding, pad_request
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.decode_loop import hae_sample
@@ -161,18 +162,19 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         cache.end_prefill()
         return output
 
-    own_cache: list[HAECache] = []
+    own_caches: dict[int, HAECache] = {}
 
-    def reusable_cache(batch: int) -> HAECache:
-        """The model's own cache for `batch`, reset: every generate call that passes no cache reuses one, as HF's
-        static cache does, so its buffers keep their addresses. Under `mode="reduce-overhead"` a fresh cache per
-        call was held alive after its call (docs/gpu.md: the fifth generate of a 7B-shaped model peaked four caches
-        above the first), and its new addresses make CUDA graph trees record the decode step again."""
-        if own_cache and own_cache[0].batch == batch:
-            own_cache[0].reset()
+    def reusable_cache(rows: int) -> HAECache:
+        """The model's own cache for `rows` sequences (a batch bucket), reset: every generate call that passes none
+        reuses it, as HF's static cache is reused, so its buffers keep their addresses. Under
+        `mode="reduce-overhead"` a fresh cache per call was held alive after its call (docs/gpu.md: the fifth generate
+        of a 7B-shaped model peaked four caches above the first), and its new addresses make CUDA graph trees
+        record the decode step again."""
+        if rows in own_caches:
+            own_caches[rows].reset()
         else:
-            own_cache[:] = [HAECache.for_model(model, config, batch)]
-        return own_cache[0]
+            own_caches[rows] = HAECache.for_model(model, config, rows)
+        return own_caches[rows]
 
     @functools.wraps(eager_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
@@ -180,17 +182,21 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         batch = request.batch
         cache = kwargs.get("past_key_values")
         if cache is None:
-            cache = reusable_cache(batch)
+            cache = reusable_cache(bucket(batch))
         elif not isinstance(cache, HAECache):
             raise HAEConfigError(
                 f"a transformed model generates with an hae_fx.HAECache, got {type(cache).__name__}; omit "
                 "past_key_values to get one"
             )
-        elif cache.batch != batch:
+        elif cache.batch not in (batch, bucket(batch)):
             raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
         else:
             check_cache_fits_model(cache, model, family, policy)
         check_full_fits(cache, request)
+        padded = cache.batch > batch
+        if padded:  # a batch bucket: rows of padding, dropped from the outputs (hae_fx.batch_buckets)
+            args, kwargs = pad_request(args, kwargs, batch, cache.batch, cache.tokens_seen if cache.prefilled else 0,
+                                       family.image_token_id(model))
         if cache.prefilled:
             _check_follow_up_is_unpadded(cache, kwargs.get("attention_mask"))
         kwargs["past_key_values"] = cache
@@ -198,7 +204,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if decode_loop == "hae" and _samples_one_beam(model, kwargs):
             # HF hands a callable `custom_generate` neither the streamer nor synced_gpus: bind them
             kwargs["custom_generate"] = functools.partial(hae_sample, streamer=kwargs.get("streamer"))
-        return eager_generate(*args, **kwargs)
+        output = eager_generate(*args, **kwargs)
+        return drop_padding(output, batch) if padded else output
 
     installation = Installation()
     if policy.pruned_after() is not None:
