@@ -203,6 +203,9 @@ class HAECache(Cache):
         self.prefill_kept: list[list[int]] = [[] for _ in range(batch)]
         self.prefilled = False
         self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
+        #: True while a follow-up turn's chunk runs (`hae_fx.turns`): several new tokens written and attended at once
+        self.chunking = False
+        self._chunk_slots: torch.Tensor | None = None  # the chunk's slots, while traced
 
     def _group_layers(self, global_layers: list[int], num_layers: int) -> list[int]:
         """Assign layers to slot groups (`layer_group`, `group_members`) and return each group's capacity: one group
@@ -338,16 +341,17 @@ class HAECache(Cache):
         true position would index past the slot range."""
         return 0
 
-    def begin_decode_step(self) -> None:
-        """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
+    def begin_decode_step(self, tokens: int = 1) -> None:
+        """Checks made before each decode step (or a follow-up chunk of `tokens` tokens): the cache is prefilled, and
+        `full` still has room."""
         if not self.prefilled:
             raise RuntimeError("HAECache: decode before prefill; the first forward must carry the whole prompt")
-        if not self.policy.evicts and self.tokens_seen >= self.capacity:
+        if not self.policy.evicts and self.tokens_seen + tokens > self.capacity:
             raise HAECapacityError(
-                f"policy 'full' cannot hold token {self.tokens_seen + 1}: capacity is {self.capacity}; raise "
+                f"policy 'full' cannot hold token {self.tokens_seen + tokens}: capacity is {self.capacity}; raise "
                 "HAEConfig.capacity to cover prompt + max_new_tokens, or use an evicting policy"
             )
-        self.tokens_seen += 1
+        self.tokens_seen += tokens
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -368,6 +372,8 @@ class HAECache(Cache):
             return self._refused(refusal, layer_idx, key_states, value_states)
         if not self.prefilled:
             return self._prefill_write(layer_idx, key_states, value_states)
+        if self.chunking:
+            return self._chunk_write(layer_idx, key_states, value_states)
         if not torch.compiler.is_compiling():
             raise RuntimeError(
                 "HAECache decode must run through hae_fx.transform (or torch.compile(backend='hae')): the attention "
@@ -390,7 +396,7 @@ class HAECache(Cache):
                 "HAECache.for_model built it, the model's config names its attention geometry in a way hae_fx does "
                 "not read (ModelFamily.kv_geometry): add a family entry in hae_fx.models"
             )
-        if self.prefilled and key_states.shape[2] != 1:
+        if self.prefilled and key_states.shape[2] != 1 and not self.chunking:
             return HAECapacityError(
                 f"HAECache decodes one token per step, got {key_states.shape[2]}; multi-token steps (speculative or "
                 "chunked decoding) are not supported"
@@ -466,6 +472,19 @@ class HAECache(Cache):
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(group), kept=self.kept_len_carriers[group],
                                     config=self.config_key)
+
+    def _chunk_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A follow-up turn's chunk (`hae_fx.turns`, for a policy that never evicts): at layer 0 its tokens take the
+        lowest free slots, in order, as one decode step after another would; each layer writes its keys there and
+        returns the slots, whose attention (`hae::slot_attention`) is causal by slot position."""
+        if layer_idx == 0:
+            free_first = torch.argsort((self.slot_pos >= 0).to(torch.int8), dim=-1, stable=True)
+            self._chunk_slots = free_first[:, :key_states.shape[2]]
+            self.slots.place_chunk(self._chunk_slots, TEXT)
+        layer = self.layers[layer_idx]
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, self._chunk_slots,
+                                  **layer.scale_arguments())
+        return layer.decode_view()
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer_idx == 0:

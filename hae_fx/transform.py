@@ -9,7 +9,8 @@ What it installs, on the model instance only (its class and weights are untouche
 - `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
   compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step. A later call with
-  several tokens (a follow-up turn, `hae_fx.turns`) feeds them through that decode step one by one.
+  several tokens (a follow-up turn, `hae_fx.turns`) runs them as one compiled chunk (a cache that never evicts) or
+  through that decode step one by one.
 - the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
   dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
 
@@ -47,7 +48,7 @@ from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.prompt_shapes import mark_prompt_dynamic
 from hae_fx.pruning import install_hidden_pruning
-from hae_fx.turns import feed_turn
+from hae_fx.turns import run_turn
 from hae_fx.validation import check_cache_fits_model, check_full_fits, check_generate_request
 
 #: `transform(decode_loop=...)`: hae_fx's loop for greedy and multinomial decoding, or HF's for everything
@@ -86,7 +87,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         decode_loop: `"hae"` runs greedy and multinomial decoding in `hae_fx.decode_loop` (HF's tokens without a
             host-device synchronisation per step); `"hf"` keeps HF's own loop for every request.
 
-    The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...]}`, one
+    The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...], "chunk": [...]}`, one
     `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
     """
     config = HAEConfig() if config is None else config
@@ -102,7 +103,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     family.check_supported(model)
     family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     policy.check_model(family.num_layers(model))
-    graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
+    graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": [], "chunk": []}
 
     def backend_for(phase: str) -> Any:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -134,6 +135,13 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     compiled_decode = torch.compile(_own_code(hae_decode_step), backend=backend_for("decode"), fullgraph=True,
                                     dynamic=False)
 
+    def hae_chunk_step(*args: Any, **kwargs: Any) -> Any:
+        return eager_forward(*args, **kwargs)
+
+    # a follow-up turn's chunk (hae_fx.turns): its length is marked dynamic, one graph for every length
+    compiled_chunk = torch.compile(_own_code(hae_chunk_step), backend=backend_for("chunk"), fullgraph=True,
+                                   dynamic=None)
+
     @functools.wraps(eager_language_forward)
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
@@ -153,7 +161,9 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
             if _prompt_tensor(args, kwargs).shape[1] > 1:
-                return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # as for the prefill
+                    return run_turn(model, compiled_decode, compiled_chunk, cache, kwargs,
+                                    family.image_token_id(model))
             cache.begin_decode_step()
             return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
@@ -224,6 +234,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 def _shapes_note(phase: str) -> str:
     if phase == "prefill":
         return "once for every prompt length"
+    if phase == "chunk":
+        return "once for every follow-up turn's length"
     return "once, replayed every step"
 
 

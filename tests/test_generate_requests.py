@@ -24,7 +24,7 @@ def _prompt():
 
 
 def _nothing_compiled(model):
-    return model.hae_graphs == {"prefill": [], "decode": []}
+    return model.hae_graphs == {"prefill": [], "decode": [], "chunk": []}
 
 
 @pytest.mark.parametrize("options, message", [
