@@ -80,10 +80,11 @@ def test_three_turn_conversation_at_full_capacity_matches_hf(batch):
     model = no_eos(tiny_llava(seed=5))
     hae_fx.transform(model, hae_fx.HAEConfig(policy="full", capacity=96), options={"hae.compiler": "eager"})
     inputs = llava_inputs(reference, batch, seed=5)
-    expected, _, _ = converse(reference, inputs)
-    got, _, caches = converse(model, inputs)
+    expected, expected_logits, _ = converse(reference, inputs)
+    got, logits, caches = converse(model, inputs)
     for turn, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
         assert ours.tolist() == theirs.tolist(), f"turn {turn}"
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
     assert all(cache is caches[0] for cache in caches), "every turn continues the first turn's cache"
     assert len(model.hae_graphs["chunk"]) == 1, "both follow-ups (6 and 4 tokens) run as chunks of one graph"
 
