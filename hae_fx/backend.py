@@ -26,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
 from hae_fx.cache import CacheRole
 from hae_fx.errors import HAEError
+from hae_fx.ops.refuse import graph_refusal
 from hae_fx.passes import (
     PlanPlacement,
     RewriteReport,
@@ -116,28 +117,32 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
     if compiler not in COMPILERS:
         raise ValueError(f"options[{COMPILER_OPTION!r}] must be one of {COMPILERS}, got {compiler!r}")
 
+    refusal = graph_refusal(gm.graph)  # an HAEError found while Dynamo traced (hae_fx.ops.refuse)
+    if refusal is not None:
+        return _raises(refusal)
     try:
         record = rewrite_graph(gm, example_inputs)
-    except HAEError as error:
-        return _raises(error)
-    if on_rewrite is not None:
-        on_rewrite(record)
-    if compiler == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+        if on_rewrite is not None:
+            on_rewrite(record)
+        if compiler == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
-    patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
-    patches.update(inductor_options)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+        patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
+        patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
+        patches.update(inductor_options)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    except HAEError as error:  # the passes', or one raised while Inductor lowers an hae op
+        return _raises(error)
 
 
 def _raises(error: HAEError) -> Callable[..., Any]:
     """A compiled function that raises `error` when run.
 
-    Dynamo wraps anything a backend raises in `BackendCompilerFailed`, whoever compiled (`hae_fx.transform` or the
-    caller's own `torch.compile(backend="hae")`); raised from the compiled function instead, before the graph runs,
-    the `HAEError` reaches the caller as itself."""
+    Dynamo wraps anything a backend raises in `BackendCompilerFailed`, and reports what traced code raises as
+    `Unsupported`, whoever compiled (`hae_fx.transform` or the caller's own `torch.compile(backend="hae")`); raised
+    from the compiled function instead, before the graph runs, the `HAEError` (a pass's, or a `hae::refuse` node's)
+    reaches the caller as itself."""
 
     def refuse(*args: Any) -> Any:
         raise error

@@ -31,10 +31,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAECapacityError, HAEConfigError, HAEUnsupportedModelError
+from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAEUnsupportedModelError
 from hae_fx.kv_quant import is_quantized, storage_dtype
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
+from hae_fx.ops.refuse import refuse
 from hae_fx.policies import policy_for
 from hae_fx.ring import ring_decode_slot, ring_prefill
 from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
@@ -200,6 +201,9 @@ class HAECache(Cache):
         self.prefill_kept: list[list[int]] = [[] for _ in range(batch)]
         self.prefilled = False
         self.tokens_seen = 0  # Python-side mirror of max(seen), for checks made before each step
+        #: True while a follow-up turn's chunk runs (`hae_fx.turns`): several new tokens written and attended at once
+        self.chunking = False
+        self._chunk_slots: torch.Tensor | None = None  # the chunk's slots, while traced
 
     def _group_layers(self, global_layers: list[int], num_layers: int) -> list[int]:
         """Assign layers to slot groups (`layer_group`, `group_members`) and return each group's capacity: one group
@@ -335,16 +339,17 @@ class HAECache(Cache):
         true position would index past the slot range."""
         return 0
 
-    def begin_decode_step(self) -> None:
-        """Checks made before each decode step: the cache is prefilled, and `full` still has room."""
+    def begin_decode_step(self, tokens: int = 1) -> None:
+        """Checks made before each decode step (or a follow-up chunk of `tokens` tokens): the cache is prefilled, and
+        `full` still has room."""
         if not self.prefilled:
             raise RuntimeError("HAECache: decode before prefill; the first forward must carry the whole prompt")
-        if not self.policy.evicts and self.tokens_seen >= self.capacity:
+        if not self.policy.evicts and self.tokens_seen + tokens > self.capacity:
             raise HAECapacityError(
-                f"policy 'full' cannot hold token {self.tokens_seen + 1}: capacity is {self.capacity}; raise "
+                f"policy 'full' cannot hold token {self.tokens_seen + tokens}: capacity is {self.capacity}; raise "
                 "HAEConfig.capacity to cover prompt + max_new_tokens, or use an evicting policy"
             )
-        self.tokens_seen += 1
+        self.tokens_seen += tokens
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -360,14 +365,13 @@ class HAECache(Cache):
 
     # -- traced into the compiled graphs ----------------------------------------------------------------------
     def write_layer(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        self._check_geometry(layer_idx, key_states)
+        refusal = self._refusal(layer_idx, key_states)
+        if refusal is not None:
+            return self._refused(refusal, layer_idx, key_states, value_states)
         if not self.prefilled:
             return self._prefill_write(layer_idx, key_states, value_states)
-        if key_states.shape[2] != 1:
-            raise HAECapacityError(
-                f"HAECache decodes one token per step, got {key_states.shape[2]}; multi-token steps (speculative or "
-                "chunked decoding) are not supported"
-            )
+        if self.chunking:
+            return self._chunk_write(layer_idx, key_states, value_states)
         if not torch.compiler.is_compiling():
             raise RuntimeError(
                 "HAECache decode must run through hae_fx.transform (or torch.compile(backend='hae')): the attention "
@@ -375,17 +379,38 @@ class HAECache(Cache):
             )
         return self._decode_write(layer_idx, key_states, value_states)
 
-    def _check_geometry(self, layer_idx: int, key_states: torch.Tensor) -> None:
+    def _refusal(self, layer_idx: int, key_states: torch.Tensor) -> HAEError | None:
+        """Why this cache cannot take `key_states` in `layer_idx`, or None."""
         allocated = self.layers[layer_idx].keys
         if key_states.dim() != 4 or key_states.shape[1] != allocated.shape[1] or \
                 key_states.shape[3] != allocated.shape[3]:
-            raise HAEUnsupportedModelError(
-                f"decoder layer {layer_idx} caches keys of shape {tuple(key_states.shape)} ([batch, kv_heads, tokens, "
-                f"head_dim]) but the HAECache was sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]}; "
+            # the message names static sizes only: traced, it must be a constant (the prompt length can be symbolic)
+            found = f"keys of {key_states.shape[1]} KV heads of dim {key_states.shape[3]}" if key_states.dim() == 4 \
+                else f"{key_states.dim()}-D keys"
+            return HAEUnsupportedModelError(
+                f"decoder layer {layer_idx} caches {found} ([batch, kv_heads, tokens, head_dim]) but the HAECache was "
+                f"sized for {allocated.shape[1]} KV heads of dim {allocated.shape[3]}; "
                 "build the cache with HAECache(..., kv_heads=, head_dim=) matching those keys. If "
                 "HAECache.for_model built it, the model's config names its attention geometry in a way hae_fx does "
                 "not read (ModelFamily.kv_geometry): add a family entry in hae_fx.models"
             )
+        if self.prefilled and key_states.shape[2] != 1 and not self.chunking:
+            return HAECapacityError(
+                f"HAECache decodes one token per step, got {key_states.shape[2]}; multi-token steps (speculative or "
+                "chunked decoding) are not supported"
+            )
+        return None
+
+    def _refused(self, error: HAEError, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Raise `error`; while traced, hand the layer's attention stand-in keys and values of the shape it expects
+        (the prompt's, or one per slot at decode) through `hae::refuse`, so that the graph raises it
+        (`hae_fx.ops.refuse`)."""
+        def stand_in(states: torch.Tensor) -> torch.Tensor:
+            if not self.prefilled or states.dim() != 4:
+                return states
+            return states[:, :, :1].expand(-1, -1, self.layers[layer_idx].slots, -1)
+
+        return refuse(error, stand_in(key_states)), refuse(error, stand_in(value_states))
 
     def _prefill_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if self.prompt_pos is None:
@@ -445,6 +470,19 @@ class HAECache(Cache):
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(group), kept=self.kept_len_carriers[group],
                                     config=self.config_key)
+
+    def _chunk_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A follow-up turn's chunk (`hae_fx.turns`, for a policy that never evicts): at layer 0 its tokens take the
+        lowest free slots, in order, as one decode step after another would; each layer writes its keys there and
+        returns the slots, whose attention (`hae::slot_attention`) is causal by slot position."""
+        if layer_idx == 0:
+            free_first = torch.argsort((self.slot_pos >= 0).to(torch.int8), dim=-1, stable=True)
+            self._chunk_slots = free_first[:, :key_states.shape[2]]
+            self.slots.place_chunk(self._chunk_slots, TEXT)
+        layer = self.layers[layer_idx]
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, self._chunk_slots,
+                                  **layer.scale_arguments())
+        return layer.decode_view()
 
     def _decode_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer_idx == 0:

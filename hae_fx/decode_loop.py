@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-#: stopping criteria the loop evaluates itself: a length limit (known on the host) and end-of-sequence tokens
-SUPPORTED_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)
+from hae_fx.batch_buckets import PaddingRowsDone
+
+#: stopping criteria the loop evaluates itself: a length limit (known on the host), end-of-sequence tokens, and the
+#: rows of padding of a batch bucket (finished from the start)
+SUPPORTED_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, PaddingRowsDone)
 
 
 def fast_loop_applies(generation_config: Any, stopping_criteria: Any, synced_gpus: bool) -> bool:
@@ -51,6 +54,9 @@ def hae_sample(model: Any, input_ids: torch.Tensor, logits_processor: Any, stopp
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    for criterion in stopping_criteria:
+        if isinstance(criterion, PaddingRowsDone):
+            unfinished[criterion.batch:] = 0
     late = _LateReader(input_ids, streamer)
 
     outputs = model._prefill(input_ids, generation_config, model_kwargs)

@@ -25,17 +25,20 @@ def mark_prompt_dynamic(args: tuple, kwargs: dict[str, Any], cache: HAECache) ->
     """Mark the prompt-length dimensions of a prefill call's inputs (and the cache's staged prompt) dynamic."""
     if cache.prompt_pos is None:
         return
-    length = cache.prompt_pos.shape[1]
-    for tensor in _tensors([*args, *kwargs.values()]):
-        if tensor is cache.prompt_pos or tensor is cache.prompt_modality:
-            continue
-        for dim in range(1, tensor.dim()):  # dim 0 is the batch (or mRoPE's position components)
-            if tensor.shape[dim] == length:
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    mark_length_dynamic([*args, *kwargs.values()], cache.prompt_pos.shape[1])
     torch._dynamo.maybe_mark_dynamic(cache.prompt_pos, 1)
     torch._dynamo.maybe_mark_dynamic(cache.prompt_modality, 1)
     for carrier in cache.kept_len_carriers:
         torch._dynamo.maybe_mark_dynamic(carrier, 1)
+
+
+def mark_length_dynamic(values: list[Any], length: int) -> None:
+    """Mark dynamic every dimension but the first of the tensors among `values` (inside dicts, lists and tuples) that
+    is `length` long: a prompt's, or a follow-up chunk's (`hae_fx.turns`)."""
+    for tensor in _tensors(values):
+        for dim in range(1, tensor.dim()):  # dim 0 is the batch (or mRoPE's position components)
+            if tensor.shape[dim] == length:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def _tensors(values: list[Any]) -> list[torch.Tensor]:

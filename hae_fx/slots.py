@@ -97,8 +97,8 @@ class SlotGroup:
 
     def place(self, slot: torch.Tensor, modality: int, seen: torch.Tensor) -> None:
         """Record each sequence's new token (position `seen`) in slot `slot` (`[B]`): score 0, `modality`, zeroed
-        policy extras."""
-        rows = torch.arange(slot.shape[0], device=slot.device)
+        policy extras. `[B, n]` slots and positions place a chunk of `n` tokens."""
+        rows = torch.arange(slot.shape[0], device=slot.device).view(-1, *([1] * (slot.dim() - 1)))
         self.core["slot_pos"].index_put_((rows, slot), seen)
         self.core["score"].index_put_((rows, slot), torch.zeros((), device=slot.device))
         self.core["modality"].index_put_((rows, slot), torch.full((), modality, dtype=torch.int8, device=slot.device))
@@ -176,6 +176,13 @@ class SlotBuffers:
         for group in self.groups:
             group.reset()
         self.seen.fill_(CORE_BUFFERS["seen"][1])
+
+    def place_chunk(self, slots: torch.Tensor, modality: int) -> None:
+        """Record each sequence's `n` new tokens (positions `seen` to `seen + n - 1`) in slots `slots` (`[B, n]`) of
+        the one group, then advance `seen` by `n`: a follow-up turn's chunk (`hae_fx.turns`)."""
+        positions = self.seen.unsqueeze(1) + torch.arange(slots.shape[1], device=slots.device)
+        self.groups[0].place(slots, modality, positions)
+        self.seen.add_(slots.shape[1])
 
     def place(self, slots: list[torch.Tensor], modality: int) -> None:
         """Record each sequence's new token in each group's slot `slots[g]` (`[B]`), then advance `seen`."""

@@ -9,7 +9,8 @@ What it installs, on the model instance only (its class and weights are untouche
 - `model.forward`: with an `HAECache`, the first call (the prompt) stages the prompt's positions and visual
   mask in the cache and runs normally, its language model compiled (prefill graph); later calls run one
   compiled decode step (`fullgraph=True`, `dynamic=False`): one graph, replayed every step. A later call with
-  several tokens (a follow-up turn, `hae_fx.turns`) feeds them through that decode step one by one.
+  several tokens (a follow-up turn, `hae_fx.turns`) runs them as one compiled chunk (a cache that never evicts) or
+  through that decode step one by one.
 - the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
   dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
 
@@ -24,11 +25,9 @@ code); decode never runs it.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import logging
-import re
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from hae_fx.backend import GraphRecord, hae_backend
+from hae_fx.batch_buckets import bucket, drop_padding, pad_request
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.decode_loop import hae_sample
@@ -48,7 +48,7 @@ from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.prompt_shapes import mark_prompt_dynamic
 from hae_fx.pruning import install_hidden_pruning
-from hae_fx.turns import feed_turn
+from hae_fx.turns import run_turn
 from hae_fx.validation import check_cache_fits_model, check_full_fits, check_generate_request
 
 #: `transform(decode_loop=...)`: hae_fx's loop for greedy and multinomial decoding, or HF's for everything
@@ -87,7 +87,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         decode_loop: `"hae"` runs greedy and multinomial decoding in `hae_fx.decode_loop` (HF's tokens without a
             host-device synchronisation per step); `"hf"` keeps HF's own loop for every request.
 
-    The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...]}`, one
+    The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...], "chunk": [...]}`, one
     `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
     """
     config = HAEConfig() if config is None else config
@@ -103,7 +103,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     family.check_supported(model)
     family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     policy.check_model(family.num_layers(model))
-    graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": []}
+    graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": [], "chunk": []}
 
     def backend_for(phase: str) -> Any:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -135,6 +135,13 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     compiled_decode = torch.compile(_own_code(hae_decode_step), backend=backend_for("decode"), fullgraph=True,
                                     dynamic=False)
 
+    def hae_chunk_step(*args: Any, **kwargs: Any) -> Any:
+        return eager_forward(*args, **kwargs)
+
+    # a follow-up turn's chunk (hae_fx.turns): its length is marked dynamic, one graph for every length
+    compiled_chunk = torch.compile(_own_code(hae_chunk_step), backend=backend_for("chunk"), fullgraph=True,
+                                   dynamic=None)
+
     @functools.wraps(eager_language_forward)
     def language_forward(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
@@ -143,7 +150,7 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             # automatic dynamic off: Dynamo keys what it learned about a frame by its file, line and name, which every
             # transformed model's prefill shares; only the dimensions marked here are dynamic
             with torch._dynamo.config.patch(recompile_limit=PREFILL_SHAPES_PER_MODEL, automatic_dynamic_shapes=False), \
-                    _hae_errors_unwrapped(), _towers_refused(language_model, towers):
+                    _towers_refused(language_model, towers):
                 return compiled_prefill(*args, **kwargs)
         return eager_language_forward(*args, **kwargs)
 
@@ -153,29 +160,31 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if not isinstance(cache, HAECache):
             return eager_forward(*args, **kwargs)
         if cache.prefilled:
-            with _hae_errors_unwrapped():
-                if _prompt_tensor(args, kwargs).shape[1] > 1:
-                    return feed_turn(model, compiled_decode, cache, kwargs, family.image_token_id(model))
-                cache.begin_decode_step()
-                return compiled_decode(*args, **kwargs)
+            if _prompt_tensor(args, kwargs).shape[1] > 1:
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # as for the prefill
+                    return run_turn(model, compiled_decode, compiled_chunk, cache, kwargs,
+                                    family.image_token_id(model))
+            cache.begin_decode_step()
+            return compiled_decode(*args, **kwargs)
         token_pos, modality = prompt_metadata(family, model, args, kwargs)
         cache.begin_prefill(token_pos, modality)
         output = eager_forward(*args, **kwargs)
         cache.end_prefill()
         return output
 
-    own_cache: list[HAECache] = []
+    own_caches: dict[int, HAECache] = {}
 
-    def reusable_cache(batch: int) -> HAECache:
-        """The model's own cache for `batch`, reset: every generate call that passes no cache reuses one, as HF's
-        static cache does, so its buffers keep their addresses. Under `mode="reduce-overhead"` a fresh cache per
-        call was held alive after its call (docs/gpu.md: the fifth generate of a 7B-shaped model peaked four caches
-        above the first), and its new addresses make CUDA graph trees record the decode step again."""
-        if own_cache and own_cache[0].batch == batch:
-            own_cache[0].reset()
+    def reusable_cache(rows: int) -> HAECache:
+        """The model's own cache for `rows` sequences (a batch bucket), reset: every generate call that passes none
+        reuses it, as HF's static cache is reused, so its buffers keep their addresses. Under
+        `mode="reduce-overhead"` a fresh cache per call was held alive after its call (docs/gpu.md: the fifth generate
+        of a 7B-shaped model peaked four caches above the first), and its new addresses make CUDA graph trees
+        record the decode step again."""
+        if rows in own_caches:
+            own_caches[rows].reset()
         else:
-            own_cache[:] = [HAECache.for_model(model, config, batch)]
-        return own_cache[0]
+            own_caches[rows] = HAECache.for_model(model, config, rows)
+        return own_caches[rows]
 
     @functools.wraps(eager_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
@@ -183,17 +192,21 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         batch = request.batch
         cache = kwargs.get("past_key_values")
         if cache is None:
-            cache = reusable_cache(batch)
+            cache = reusable_cache(bucket(batch))
         elif not isinstance(cache, HAECache):
             raise HAEConfigError(
                 f"a transformed model generates with an hae_fx.HAECache, got {type(cache).__name__}; omit "
                 "past_key_values to get one"
             )
-        elif cache.batch != batch:
+        elif cache.batch not in (batch, bucket(batch)):
             raise HAECapacityError(f"batch mismatch: the HAECache holds batch {cache.batch}, the prompt has {batch}")
         else:
             check_cache_fits_model(cache, model, family, policy)
         check_full_fits(cache, request)
+        padded = cache.batch > batch
+        if padded:  # a batch bucket: rows of padding, dropped from the outputs (hae_fx.batch_buckets)
+            args, kwargs = pad_request(args, kwargs, batch, cache.batch, cache.tokens_seen if cache.prefilled else 0,
+                                       family.image_token_id(model))
         if cache.prefilled:
             _check_follow_up_is_unpadded(cache, kwargs.get("attention_mask"))
         kwargs["past_key_values"] = cache
@@ -201,7 +214,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         if decode_loop == "hae" and _samples_one_beam(model, kwargs):
             # HF hands a callable `custom_generate` neither the streamer nor synced_gpus: bind them
             kwargs["custom_generate"] = functools.partial(hae_sample, streamer=kwargs.get("streamer"))
-        return eager_generate(*args, **kwargs)
+        output = eager_generate(*args, **kwargs)
+        return drop_padding(output, batch) if padded else output
 
     installation = Installation()
     if policy.pruned_after() is not None:
@@ -220,52 +234,21 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 def _shapes_note(phase: str) -> str:
     if phase == "prefill":
         return "once for every prompt length"
+    if phase == "chunk":
+        return "once for every follow-up turn's length"
     return "once, replayed every step"
 
 
 @contextlib.contextmanager
-def _hae_errors_unwrapped() -> Iterator[None]:
-    """Re-raise an `HAEError` as itself, not wrapped by Dynamo: raised by the hae backend (BackendCompilerFailed) or
-    by hae_fx code Dynamo was tracing (Unsupported, caused by an `Observed<Name>Error`)."""
-    try:
-        yield
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        if isinstance(error.inner_exception, HAEError):
-            raise error.inner_exception from None
-        raise
-    except torch._dynamo.exc.Unsupported as error:
-        traced = _traced_hae_error(error)
-        if traced is not None:
-            raise traced from None
-        raise
-
-
-@contextlib.contextmanager
 def _towers_refused(language_model: torch.nn.Module, towers: list[str]) -> Iterator[None]:
-    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name."""
+    """A prefill Dynamo cannot trace, in a text decoder that runs towers of its own, is refused by name (an `HAEError`
+    found while tracing is raised by the compiled graph instead, `hae_fx.ops.refuse`)."""
     try:
         yield
     except torch._dynamo.exc.Unsupported as error:
-        if towers and _traced_hae_error(error) is None:
+        if towers:
             raise tower_not_traceable(language_model, towers, error) from error
         raise
-
-
-def _traced_hae_error(error: BaseException) -> HAEError | None:
-    """The `HAEError` that hae_fx code raised while Dynamo traced it, rebuilt from Dynamo's record of it."""
-    observed_types = {observed: raised for raised, observed in torch._dynamo.exc.observed_exception_map.items()}
-    cause: BaseException | None = error
-    while cause is not None:
-        raised = observed_types.get(type(cause))
-        if raised is not None and issubclass(raised, HAEError) and cause.args:
-            text = str(cause.args[0])
-            match = re.fullmatch(rf"raised exception {raised.__name__}\((.*)\)", text, flags=re.DOTALL)
-            if match:
-                with contextlib.suppress(ValueError, SyntaxError):
-                    text = str(ast.literal_eval(match.group(1)))
-            return raised(text)
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def prompt_metadata(family: ModelFamily, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]

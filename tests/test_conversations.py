@@ -3,7 +3,8 @@
 A follow-up is `generate(input_ids=history + new turn, past_key_values=returned_cache)`, as a chat UI calls it. At full
 capacity the tokens must be HF's (HF continues on its own cache); under eviction the kept sets after every generated
 token, the tokens and the logits must be the independent oracles' (tests/policy_oracle.py, tests/hae_oracle.py), whose
-follow-up feeds the turn one decode step per token.
+follow-up feeds the turn one decode step per token (as hae_fx does for evicting policies; at full capacity it runs the
+turn as one chunk).
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def test_three_turn_conversation_at_full_capacity_matches_hf(batch):
     model = no_eos(tiny_llava(seed=5))
     hae_fx.transform(model, hae_fx.HAEConfig(policy="full", capacity=96), options={"hae.compiler": "eager"})
     inputs = llava_inputs(reference, batch, seed=5)
-    expected, _, _ = converse(reference, inputs)
-    got, _, caches = converse(model, inputs)
+    expected, expected_logits, _ = converse(reference, inputs)
+    got, logits, caches = converse(model, inputs)
     for turn, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
         assert ours.tolist() == theirs.tolist(), f"turn {turn}"
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
     assert all(cache is caches[0] for cache in caches), "every turn continues the first turn's cache"
+    assert len(model.hae_graphs["chunk"]) == 1, "both follow-ups (6 and 4 tokens) run as chunks of one graph"
 
 
 def test_follow_up_with_a_new_image_is_refused():
@@ -142,6 +145,7 @@ def _check_turns_against(config, seed, oracle_run):
     assert set(oracle.kept[FIRST_TURN_TOKENS - 1]) - set(oracle.kept[-1]), "follow-up turns must evict"
     torch.testing.assert_close(logits[0], oracle.logits, atol=1e-4, rtol=1e-4)
     assert all(cache.nbytes == nbytes for cache in caches), "memory is fixed across turns"
+    assert model.hae_graphs["chunk"] == [], "an evicting policy takes a follow-up token by token"
     return oracle
 
 
@@ -218,8 +222,9 @@ def test_hae_over_three_turns_matches_oracle():
 
 
 def test_twenty_prompt_lengths_and_a_follow_up_compile_nothing_after_warm_up(dynamo_counters, caplog):
-    """Inductor: one prefill and one decode graph serve prompts of 20 new lengths and a follow-up turn, with HF's
-    tokens at full capacity; each compile is announced on the hae_fx logger."""
+    """Inductor: one prefill, one decode and one chunk graph serve prompts of 20 new lengths and a follow-up turn of
+    another length than the warm-up's, with HF's tokens at full capacity; each compile is announced on the hae_fx
+    logger."""
     reference = no_eos(tiny_llava(seed=2))
     model = no_eos(tiny_llava(seed=2))
     hae_fx.transform(model, hae_fx.HAEConfig(policy="full", capacity=96))
@@ -231,7 +236,10 @@ def test_twenty_prompt_lengths_and_a_follow_up_compile_nothing_after_warm_up(dyn
                 "pixel_values": pixel_values}
 
     with caplog.at_level(logging.INFO, logger="hae_fx"):
-        model.generate(**prompt(30), max_new_tokens=3, do_sample=False)  # warm-up: compiles prefill and decode
+        # warm-up: compiles prefill and decode, then the follow-up chunk
+        warm = model.generate(**prompt(30), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        model.generate(input_ids=torch.cat([warm.sequences, torch.tensor([[5, 6, 7, 8, 9, 10]])], dim=1),
+                       past_key_values=warm.past_key_values, max_new_tokens=2, do_sample=False)
     assert any("compiling the prefill graph" in r.message for r in caplog.records)
     assert any("prefill graph compiled in" in r.message for r in caplog.records)
     dynamo_counters.clear()
@@ -249,4 +257,5 @@ def test_twenty_prompt_lengths_and_a_follow_up_compile_nothing_after_warm_up(dyn
     got = model.generate(**follow_up, past_key_values=out.past_key_values, max_new_tokens=4, do_sample=False)
     assert got.tolist() == expected_follow_up.tolist()
     assert dynamo_counters["stats"]["unique_graphs"] == 0, dict(dynamo_counters["stats"])
-    assert len(model.hae_graphs["prefill"]) == 1 and len(model.hae_graphs["decode"]) == 1
+    assert {phase: len(records) for phase, records in model.hae_graphs.items()} == {"prefill": 1, "decode": 1,
+                                                                                     "chunk": 1}

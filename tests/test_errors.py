@@ -9,6 +9,7 @@ import hae_fx
 from hae_fx import HAECapacityError, HAEConfig, HAESiteError, HAEUnsupportedModelError
 from hae_fx.models.llava import tiny_llava
 from tests.conftest import llava_inputs
+from tests.families import BY_NAME
 
 
 def test_full_capacity_too_small_is_refused_before_generating():
@@ -48,16 +49,31 @@ def _einsum_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def test_model_whose_attention_sites_cannot_be_found():
+@pytest.mark.parametrize("compiled_by", ["transform", "own fullgraph compile"])
+def test_model_whose_attention_sites_cannot_be_found(compiled_by):
+    """An attention the passes do not know reads the cache's slots at decode: the HAESiteError reaches the caller as
+    itself, whoever compiled (`transform`, or the caller's own `torch.compile(backend="hae")`), not as Dynamo's
+    BackendCompilerFailed."""
     AttentionInterface.register("einsum_attention", _einsum_attention)
     AttentionMaskInterface.register("einsum_attention", sdpa_mask)
-    model = tiny_llava()
-    model.set_attn_implementation({"text_config": "einsum_attention"})
-    hae_fx.transform(model, HAEConfig(policy="streaming", capacity=16, sinks=2, window=4),
-                     options={"hae.compiler": "eager"})
-    with pytest.raises(HAESiteError, match=r"cache keys of layer 0 are read by .*not an attention hae_fx "
-                                           r"recognises.*attn_implementation='sdpa'"):
-        model.generate(**llava_inputs(model, 1), max_new_tokens=3)
+    llama = BY_NAME["llama"]
+    model = llama.build()
+    model.set_attn_implementation("einsum_attention")
+    config = HAEConfig(policy="streaming", capacity=16, sinks=2, window=4)
+    prompt = llama.inputs(1)["input_ids"]
+    message = r"cache keys of layer 0 are read by .*not an attention hae_fx recognises.*attn_implementation='sdpa'"
+    if compiled_by == "transform":
+        hae_fx.transform(model, config, options={"hae.compiler": "eager"})
+        with pytest.raises(HAESiteError, match=message):
+            model.generate(prompt, max_new_tokens=3)
+        return
+    cache = hae_fx.HAECache.for_model(model, config, batch=1)
+    cache.begin_prefill(torch.arange(prompt.shape[1]).unsqueeze(0))
+    compiled = torch.compile(model, backend="hae", options={"hae.compiler": "eager"}, fullgraph=True)
+    compiled(input_ids=prompt, past_key_values=cache)
+    cache.end_prefill()
+    with pytest.raises(HAESiteError, match=message):
+        compiled(input_ids=prompt[:, -1:], past_key_values=cache, position_ids=torch.tensor([[prompt.shape[1]]]))
 
 
 def test_transforming_twice_is_refused():

@@ -24,7 +24,7 @@ def test_dap_layer_beyond_the_depth_is_refused_before_anything_is_installed(dap_
     assert "forward" not in vars(model.model.language_model)
     # nothing half-installed: the same model can still be transformed with a valid layer
     hae_fx.transform(model, HAEConfig(policy="hae", dap_layer=1))
-    assert model.hae_graphs == {"prefill": [], "decode": []}
+    assert model.hae_graphs == {"prefill": [], "decode": [], "chunk": []}
 
 
 @pytest.mark.parametrize("field", ["r", "alpha"])

@@ -1,9 +1,11 @@
 """`hae::slot_attention`: attention of new queries over every slot of a fixed-capacity cache.
 
 Slots hold tokens in whatever order eviction left them, so validity comes from the slot metadata (`slot_pos`,
--1 = free), not from a causal mask over indices. The op also returns how much attention each slot received
-(mean over query heads, summed over queries): the score that H2O-style and HAE policies accumulate;
-`hae::slot_attention_no_weight` is the same attention without that output, for policies that read no scores.
+-1 = free), not from a causal mask over indices. Several queries are a chunk the cache has just written (a
+follow-up turn, `hae_fx.turns`): the last is the newest position, and each query sees the slots up to its own
+position. The op also returns how much attention each slot received (mean over query heads, summed over queries):
+the score that H2O-style and HAE policies accumulate; `hae::slot_attention_no_weight` is the same attention without
+that output, for policies that read no scores.
 
 On CUDA both ops run `hae::slot_attention_fused` (Triton, `slot_attention_kernel.py`): eagerly, and under
 Inductor and AOTInductor traced into its kernels; elsewhere, and for shapes the kernel does not take, they run
@@ -45,6 +47,10 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     keys = _as_query_dtype(k_cache, k_scale, q.dtype)
     logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).to(torch.float32) * scale
     valid = (slot_pos >= 0).view(batch, 1, 1, capacity)
+    if q_len > 1:  # a chunk just written (hae_fx.turns): query i is at the newest position - (q_len - 1 - i)
+        query_pos = slot_pos.amax(dim=-1, keepdim=True) - (q_len - 1) + torch.arange(q_len, device=q.device)
+        causal = slot_pos.unsqueeze(1) <= query_pos.unsqueeze(2)  # [B, q_len, C]
+        valid = valid & causal.repeat(1, group, 1).view(batch, 1, group * q_len, capacity)
     logits = logits.masked_fill(~valid, torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.to(q.dtype), _as_query_dtype(v_cache, v_scale, q.dtype))
@@ -60,11 +66,12 @@ def _fused_slot_dtype(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
 def uses_fused_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> bool:
     """Whether `run_slot_attention` takes the Triton kernel: CUDA tensors, static shapes (a symbolic size would
-    specialise the launch grid; such graphs keep the reference math), supported dtype and head dim."""
+    specialise the launch grid; such graphs keep the reference math), supported dtype and head dim, one query per
+    sequence (a chunk's causal mask is the reference's)."""
     return (q.device.type == "cuda" and hasattr(torch.ops.hae, "slot_attention_fused")
             and all(isinstance(n, int) for n in (*q.shape, *k_cache.shape))
             and q.dtype in FUSED_DTYPES and _fused_slot_dtype(k_cache, k_scale) and _fused_slot_dtype(v_cache, v_scale)
-            and q.shape[-1] <= FUSED_MAX_HEAD_DIM)
+            and q.shape[-1] <= FUSED_MAX_HEAD_DIM and q.shape[2] == 1)
 
 
 def run_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: torch.Tensor,
