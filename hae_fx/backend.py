@@ -147,24 +147,16 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
 
 def _layout_checked(compiled: Callable[..., Any], fused: tuple[FusedProjections, ...]) -> Callable[..., Any]:
     """`compiled`, checking on each call that the parameters its fused projections read are still packed (Dynamo
-    does not guard on storage; see `hae_fx.passes.projections`). A boxed function (called with one list of inputs,
-    which it may clear) stays boxed."""
+    does not guard on storage; see `hae_fx.passes.projections`)."""
     if not fused:
         return compiled
     groups = list(fused)
-    if getattr(compiled, "_boxed_call", False):
-        def boxed(args: list[Any]) -> Any:
-            check_layout(groups, args)
-            return compiled(args)
 
-        boxed._boxed_call = True  # type: ignore[attr-defined]
-        return boxed
-
-    def unboxed(*args: Any) -> Any:
+    def checked(*args: Any) -> Any:
         check_layout(groups, args)
         return compiled(*args)
 
-    return unboxed
+    return checked
 
 
 def _raises(error: HAEError) -> Callable[..., Any]:
