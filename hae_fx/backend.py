@@ -35,7 +35,7 @@ from hae_fx.passes import (
     place_prefill_plan,
     rewrite_attention,
 )
-from hae_fx.passes.projections import FusedProjections, check_layout, fuse_projections
+from hae_fx.passes.projections import FusedProjections, LayoutCheck, fuse_projections
 from hae_fx.passes.sites import calls_op, example_value
 
 #: the ops that write prompt or new-token keys into a layer's cache
@@ -136,24 +136,26 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
     if on_rewrite is not None:
         on_rewrite(record)
     if compiler == "eager":
-        return _layout_checked(gm.forward, record.fused_projections)
+        return _layout_checked(gm.forward, record.fused_projections, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
     patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
     patches.update(inductor_options)
-    return _layout_checked(compile_fx(gm, example_inputs, config_patches=patches), record.fused_projections)
+    return _layout_checked(compile_fx(gm, example_inputs, config_patches=patches), record.fused_projections,
+                           example_inputs)
 
 
-def _layout_checked(compiled: Callable[..., Any], fused: tuple[FusedProjections, ...]) -> Callable[..., Any]:
+def _layout_checked(compiled: Callable[..., Any], fused: tuple[FusedProjections, ...],
+                    example_inputs: list[Any]) -> Callable[..., Any]:
     """`compiled`, checking on each call that the parameters its fused projections read are still packed (Dynamo
     does not guard on storage; see `hae_fx.passes.projections`)."""
     if not fused:
         return compiled
-    groups = list(fused)
+    layout = LayoutCheck(list(fused), example_inputs)
 
     def checked(*args: Any) -> Any:
-        check_layout(groups, args)
+        layout.check(args)
         return compiled(*args)
 
     return checked

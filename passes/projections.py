@@ -22,7 +22,7 @@ weights with `torch.cat` on every call. Packing the storage once instead costs n
 
 The fused graph reads the later weights through the first one's storage, so it is only right while the parameters
 stay packed. Dynamo does not guard on that (a parameter replaced by another of the same shape reuses the graph);
-`check_layout` is the guard, run on each call.
+`LayoutCheck` is the guard, run on each call.
 """
 
 from __future__ import annotations
@@ -44,6 +44,14 @@ log = logging.getLogger("hae_fx")
 LINEARS = (torch._C._nn.linear,)
 
 
+def _python_pointers_equal(tensors: list[torch.Tensor], pointers: list[int], positions: list[int]) -> bool:
+    return all(tensors[i].data_ptr() == pointers[i] for i in positions)
+
+
+#: whether `tensors[i].data_ptr() == pointers[i]` at every `i` of `positions`
+_pointers_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _python_pointers_equal)
+
+
 class HAEWeightLayoutError(HAEError, RuntimeError):
     """Parameters a compiled graph reads as one packed matmul no longer share their storage."""
 
@@ -56,8 +64,6 @@ class FusedProjections:
     weights: tuple[str, ...]
     rows: tuple[int, ...]
     inputs: tuple[int, ...]
-    #: expected byte distance of each of `inputs` from the first weight or bias of its kind
-    offsets: tuple[int, ...]
     bias: bool
 
     def __str__(self) -> str:
@@ -165,27 +171,30 @@ def _fuse(graph: fx.Graph, run: list[_Linear], inputs: dict[fx.Node, int], order
     for member in run:
         graph.erase_node(member.node)
     members = [member.weight for member in run] + [member.bias for member in run if member.bias is not None]
-    values = [member.weight_value for member in run] + [member.bias_value for member in run if member.bias is not None]
-    offsets = [_byte_offset(value, values[0 if i < len(run) else len(run)]) for i, value in enumerate(values)]
     return FusedProjections(weights=tuple(member.weight.name for member in run), rows=tuple(rows),
-                            inputs=tuple(inputs[node] for node in members), offsets=tuple(offsets),
-                            bias=bias is not None)
+                            inputs=tuple(inputs[node] for node in members), bias=bias is not None)
 
 
-def _byte_offset(value: torch.Tensor, base: torch.Tensor) -> int:
-    return (value.storage_offset() - base.storage_offset()) * value.element_size()
+class LayoutCheck:
+    """The guard a graph with fused projections needs: the parameters its fused groups read must be the tensors it
+    was compiled with, at the same addresses (packed). `check(args)` compares the data pointers of those inputs in
+    one C++ call where torch has it (CUDA builds: the check CUDA graph trees run on their static inputs)."""
 
+    def __init__(self, fused: list[FusedProjections], example_inputs: list[Any]) -> None:
+        self.groups = fused
+        self.indices = sorted({index for group in fused for index in group.inputs})
+        self.pointers = [example_inputs[index].data_ptr() for index in self.indices]
+        self.positions = list(range(len(self.indices)))
 
-def check_layout(fused: list[FusedProjections], args: list[Any]) -> None:
-    """Raise `HAEWeightLayoutError` unless each fused group's parameters in `args` still lie where they did when the
-    graph was compiled, relative to the group's first weight (and first bias)."""
-    for group in fused:
-        count = len(group.weights)
-        for position, (index, offset) in enumerate(zip(group.inputs, group.offsets, strict=True)):
-            base = args[group.inputs[0 if position < count else count]]
-            if args[index].data_ptr() - base.data_ptr() != offset:
-                raise HAEWeightLayoutError(
-                    f"the compiled graph runs {', '.join(group.weights)} as one matmul over their packed storage, "
-                    "but a parameter was replaced (or moved) since: call torch._dynamo.reset() and compile again "
-                    "(with hae_fx.transform: transform a fresh model), or pass fuse_projections=False"
-                )
+    def check(self, args: list[Any] | tuple[Any, ...]) -> None:
+        """Raise `HAEWeightLayoutError` if a fused group's parameter in `args` is not where it was at compile time."""
+        tensors = [args[index] for index in self.indices]
+        if not _pointers_equal(tensors, self.pointers, self.positions):
+            moved = [index for index, pointer in zip(self.indices, self.pointers, strict=True)
+                     if args[index].data_ptr() != pointer]
+            group = next(group for group in self.groups if set(group.inputs) & set(moved))
+            raise HAEWeightLayoutError(
+                f"the compiled graph runs {', '.join(group.weights)} as one matmul over their packed storage, "
+                "but a parameter was replaced (or moved) since: call torch._dynamo.reset() and compile again "
+                "(with hae_fx.transform: transform a fresh model), or pass fuse_projections=False"
+            )
