@@ -54,12 +54,20 @@ def pack_projections(layers: Iterable[tuple[str, nn.Module]], root: nn.Module) -
     """
     uses = Counter(id(p) for _, p in root.named_parameters(remove_duplicate=False))
     packed = []
+    skipped: dict[str, list[PackedGroup]] = {}
     for layer_name, layer in layers:
         for name, module in layer.named_modules(prefix=layer_name):
             for group in _sibling_groups(module):
-                if _packable(name, group, uses):
+                found = PackedGroup(parent=name, names=tuple(child for child, _ in group))
+                reason = _why_not_packable(group, uses)
+                if reason is None:
                     _pack(group)
-                    packed.append(PackedGroup(parent=name, names=tuple(child for child, _ in group)))
+                    packed.append(found)
+                else:
+                    skipped.setdefault(reason, []).append(found)
+    for reason, groups in skipped.items():
+        log.info("hae: %d projection group(s) keep separate weights, no projection fusion (e.g. %s): %s",
+                 len(groups), groups[0], reason)
     return packed
 
 
@@ -73,27 +81,21 @@ def _sibling_groups(module: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
     return [group for group in groups.values() if len(group) > 1]
 
 
-def _packable(parent: str, group: list[tuple[str, nn.Linear]], uses: Counter) -> bool:
+def _why_not_packable(group: list[tuple[str, nn.Linear]], uses: Counter) -> str | None:
+    """Why the group's weights cannot be packed, or None when they can (or already are)."""
     tensors = [tensor for _, linear in group for tensor in (linear.weight, linear.bias) if tensor is not None]
-    names = ", ".join(name for name, _ in group)
-    reason = None
-    if any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors):
-        subclass = next(type(t).__name__ for t in tensors if type(t) not in (torch.Tensor, nn.Parameter))
-        reason = f"a weight is a {subclass} (a tensor subclass, e.g. torchao-quantized)"
-    elif any(t.device.type == "meta" for t in tensors):
-        reason = "its weights are on the meta device"
-    elif any(not t.is_contiguous() for t in tensors):
-        reason = "a weight is not contiguous"
-    elif any(uses[id(t)] > 1 for t in tensors):
-        reason = "a weight is tied to another parameter"
-    elif _already_packed(group):
-        return True
-    elif any(t.untyped_storage().nbytes() != t.numel() * t.element_size() for t in tensors):
-        reason = "a weight shares its storage with another tensor"
-    if reason is not None:
-        log.info("hae: %s.{%s} keep separate weights (no projection fusion): %s", parent, names, reason)
-        return False
-    return True
+    subclasses = [type(t).__name__ for t in tensors if type(t) not in (torch.Tensor, nn.Parameter)]
+    if subclasses:
+        return f"a weight is a {subclasses[0]} (a tensor subclass, e.g. torchao-quantized)"
+    if any(t.device.type == "meta" for t in tensors):
+        return "its weights are on the meta device"
+    if any(not t.is_contiguous() for t in tensors):
+        return "a weight is not contiguous"
+    if any(uses[id(t)] > 1 for t in tensors):
+        return "a weight is tied to another parameter"
+    if not _already_packed(group) and any(t.untyped_storage().nbytes() != t.nbytes for t in tensors):
+        return "a weight shares its storage with another tensor"
+    return None
 
 
 def _already_packed(group: list[tuple[str, nn.Linear]]) -> bool:
