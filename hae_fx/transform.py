@@ -1,7 +1,7 @@
 """`transform(model, config)`: make an HF model generate with an `HAECache`, prefill and decode compiled
 through the hae backend.
 
-What it installs, on the model instance only (its class and weights are untouched):
+What it installs, on the model instance only (its class and weight values are untouched):
 
 - `model.generate`: takes the model's `HAECache` for the batch (one, reset and reused by every call that passes
   none, as HF's static cache is: a returned cache is the next call's), checks the request fits (`full` needs room
@@ -12,13 +12,13 @@ What it installs, on the model instance only (its class and weights are untouche
   several tokens (a follow-up turn, `hae_fx.turns`) feeds them through that decode step one by one.
 - the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
   dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
+- for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
+  of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
+- its decoder layers' sibling projection weights (q/k/v, gate/up) become rows of one storage per group, the same
+  bytes (`hae_fx.packing`), so that the compiled graphs run each group as one matmul (`hae_fx.passes.projections`).
 
 Each compile is logged at INFO on the `hae_fx` logger when it starts and when it ends (CPU compiles take tens of
 seconds).
-- its decoder layers' sibling projections (q/k/v, gate/up) become rows of one storage each
-  (`hae_fx.packing`), so that the compiled graphs run each group as one matmul (`hae_fx.passes.projections`).
-- for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
-  of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
 
 The vision tower stays eager during prefill, as under HF's own compile (its graphs break on data-dependent
 code); decode never runs it.

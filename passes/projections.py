@@ -8,8 +8,9 @@ what `hae_fx.packing.pack_projections` makes of a layer's q/k/v and gate/up proj
     y = linear(x, W, b)
     y_1, y_2, ... = split(y, rows, dim=-1)           # each then made contiguous, as its linear's output was
 
-so decode reads the same weight bytes in one GEMM instead of several (fewer kernels, no split-K reduction per
-projection). Each output column is the same dot product as before, over the same weights.
+so decode reads the same weight bytes in one GEMM instead of several (fewer kernels, and a wider matrix for the GEMM
+library to choose a kernel for than each projection's). Each output column is the same dot product as before, over
+the same weights.
 
 Left alone: weights that are tensor subclasses (torchao's quantized weights run their own matmul; a log line says
 so), weights or biases that are not graph inputs, and weights that do not tile one storage.
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hae_fx.errors import HAEError
+from hae_fx.errors import HAEWeightLayoutError
 from hae_fx.packing import rows_follow
 
 log = logging.getLogger("hae_fx")
@@ -52,10 +53,6 @@ def _python_pointers_equal(tensors: list[torch.Tensor], pointers: list[int], pos
 _pointers_equal = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", _python_pointers_equal)
 
 
-class HAEWeightLayoutError(HAEError, RuntimeError):
-    """Parameters a compiled graph reads as one packed matmul no longer share their storage."""
-
-
 @dataclass(frozen=True)
 class FusedProjections:
     """One matmul that replaced the linears of `weights`, over the rows of `inputs` (graph input positions of the
@@ -67,7 +64,7 @@ class FusedProjections:
     bias: bool
 
     def __str__(self) -> str:
-        return f"{len(self.weights)} linears -> one matmul of {sum(self.rows)} rows ({', '.join(self.weights)})"
+        return f"{len(self.weights)} linears -> one matmul of {sum(self.rows)} rows"
 
 
 @dataclass(frozen=True)

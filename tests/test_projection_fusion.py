@@ -13,9 +13,9 @@ from torch import nn
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
 import hae_fx
+from hae_fx.errors import HAEWeightLayoutError
 from hae_fx.models.llava import tiny_llava
 from hae_fx.passes import fuse_projections
-from hae_fx.passes.projections import HAEWeightLayoutError
 from tests.conftest import llava_inputs
 from tests.families import BY_NAME
 
