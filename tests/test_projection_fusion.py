@@ -68,6 +68,16 @@ def test_packing_adds_no_weight_bytes_and_keeps_the_values():
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
 
 
+def test_a_packed_model_saves_and_reloads(tmp_path):
+    """Weights that view one storage save with `save_pretrained` (safetensors refuses overlapping tensors only)."""
+    model = hae_fx.transform(tiny_llava(seed=0), hae_fx.HAEConfig(policy="full", capacity=64), options=EAGER)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    for (name, saved), (_, original) in zip(reloaded.state_dict().items(), tiny_llava(seed=0).state_dict().items(),
+                                            strict=True):
+        assert torch.equal(saved, original), name
+
+
 def test_each_group_is_one_matmul_and_tokens_and_logits_equal_unfused(llava_runs):
     (fused_model, fused), (plain_model, plain) = llava_runs[True], llava_runs[False]
     assert fused.sequences.tolist() == plain.sequences.tolist()
