@@ -2,16 +2,18 @@
 
 Every configuration runs the same prompts on a fresh build of the same random weights: HF eager (dynamic cache),
 HF `generate(cache_implementation="static")` (HF compiles its decode step, `reduce-overhead`), hae `full`,
-`full` with HF's own decode loop (`transform(decode_loop="hf")`), hae at -50% and -80% KV, `hae` with hidden-state
-pruning, and `streaming` at -50%. `--policies` adds each named registered policy at `--capacity` slots (`h2o@448`,
-protecting what the accuracy sweep protects: 4 sinks, a window and bin of an eighth of the capacity). Decode ms/token
-is the median interval between consecutive steps, each marked by a CUDA event that a logits processor records;
-the floor is (decoder weights + live KV bytes) / the copy bandwidth measured in the same run, so `floor ratio` says
-how far a step is from reading its bytes once.
+`full` with HF's own decode loop (`transform(decode_loop="hf")`), `full` without projection fusion
+(`transform(fuse_projections=False)`: q/k/v and gate/up as separate matmuls), hae at -50% and -80% KV, `hae` with
+hidden-state pruning, and `streaming` at -50%. `--policies` adds each named registered policy at `--capacity` slots
+(`h2o@448`, protecting what the accuracy sweep protects: 4 sinks, a window and bin of an eighth of the capacity).
+Decode ms/token is the median interval between consecutive steps, each marked by a CUDA event that a logits
+processor records; the floor is (decoder weights + live KV bytes) / the copy bandwidth measured in the same run, so
+`floor ratio` says how far a step is from reading its bytes once.
 
     python benchmarks/speed.py --model llava7b --batch 8 --out benchmarks/results          # on the GPU
     python benchmarks/speed.py --configs hf_static --policies all --capacity 448 --out DIR   # every policy
     python benchmarks/speed.py --device cpu --quick --out DIR                               # a functional check
+    python benchmarks/speed.py --batch 8 --configs full full_nofuse --out DIR                # projection fusion
 
 Writes `speed_<model>_<prompt>.csv` (one row per configuration and batch), a JSON with every measurement and a
 plot under `--out`, and prints the table.
@@ -40,7 +42,8 @@ from hae_fx.models.llava import llava_prompt, tiny_llava, visual_token_count
 from hae_fx.policies import available, sweep_config
 
 #: HF and hae_fx generation paths; the hae ones name their capacity as a share of a full cache's
-CONFIGS = ("hf_eager", "hf_static", "full", "full_hf_loop", "hae50", "hae80", "hae50_prune", "streaming50")
+CONFIGS = ("hf_eager", "hf_static", "full", "full_hf_loop", "full_nofuse", "hae50", "hae80", "hae50_prune",
+           "streaming50")
 #: capacity as a share of prompt + new tokens
 KV_SHARE = {"hae50": 0.5, "hae80": 0.2, "hae50_prune": 0.5, "streaming50": 0.5}
 #: prompts: LLaVA-1.5's single image (576 visual tokens at 7B shapes), and five images (2,880 visual tokens)
@@ -181,7 +184,7 @@ def policy_config(label: str) -> PolicyConfig:
 def hae_config(name: str, full_capacity: int) -> PolicyConfig | None:
     if "@" in name:
         return policy_config(name)
-    if name in ("full", "full_hf_loop"):
+    if name in ("full", "full_hf_loop", "full_nofuse"):
         return hae_fx.HAEConfig(policy="full", capacity=full_capacity)
     if name not in KV_SHARE:
         return None
@@ -220,7 +223,8 @@ def run_config(name: str, args, batch: int, images: int, bandwidth: float,
         mode = "reduce-overhead" if device == "cuda" else None
         options = None if device == "cuda" else {"hae.compiler": "eager"}
         hae_fx.transform(model, config, mode=mode, options=options,
-                         decode_loop="hf" if name == "full_hf_loop" else "hae")
+                         decode_loop="hf" if name == "full_hf_loop" else "hae",
+                         fuse_projections=name != "full_nofuse")
     torch._dynamo.utils.counters.clear()
 
     def generate(tokens: int, steps: StepEvents | None = None, **extra) -> Any:

@@ -12,7 +12,14 @@ from hae_fx import (
     ops,  # noqa: F401  (registers torch.ops.hae.* and their Inductor decompositions)
 )
 from hae_fx.cache import HAECache
-from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.errors import (
+    HAECapacityError,
+    HAEConfigError,
+    HAEError,
+    HAESiteError,
+    HAEUnsupportedModelError,
+    HAEWeightLayoutError,
+)
 from hae_fx.inspect import ModelInspection, inspect
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.report import CacheReport, report
@@ -29,6 +36,7 @@ __all__ = [
     "HAEError",
     "HAESiteError",
     "HAEUnsupportedModelError",
+    "HAEWeightLayoutError",
     "ModelInspection",
     "inspect",
     "report",

@@ -7,6 +7,8 @@ registration fails with "duplicate name").
 Options (besides Inductor's own config keys):
     `"hae.compiler"`: `"inductor"` (default) or `"eager"`, which runs the rewritten graph with the ops'
     reference implementations: the eager-reference path that tests compare Inductor's output against.
+    `"hae.fuse_projections"`: `True` (default) runs linears that read one input through one packed weight storage
+    as one matmul (`hae_fx.passes.projections`; `hae_fx.transform` packs q/k/v and gate/up); `False` leaves them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hae_fx.passes import (
     place_prefill_plan,
     rewrite_attention,
 )
+from hae_fx.passes.projections import FusedProjections, LayoutCheck, fuse_projections
 from hae_fx.passes.sites import calls_op, example_value
 
 #: the ops that write prompt or new-token keys into a layer's cache
@@ -43,6 +46,7 @@ log = logging.getLogger("hae_fx")
 
 COMPILER_OPTION = "hae.compiler"
 COMPILERS = ("inductor", "eager")
+FUSE_OPTION = "hae.fuse_projections"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class GraphRecord:
             hidden-state pruning, layers after the plan's layer compute on the kept tokens only).
         op_counts: call targets of the rewritten graph, by name, with their number of calls.
         code: the rewritten graph's Python code.
+        fused_projections: the linears that now run as one matmul over packed weights.
     """
 
     report: RewriteReport | None
@@ -64,22 +69,26 @@ class GraphRecord:
     code: str
     dap: PlanPlacement | None = None
     tokens_per_layer: dict[int, int] = field(default_factory=dict)
+    fused_projections: tuple[FusedProjections, ...] = ()
 
 
-def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any]) -> GraphRecord:
-    """Apply the hae passes to `gm` in place and describe the result."""
+def rewrite_graph(gm: fx.GraphModule, example_inputs: list[Any], fuse: bool = True) -> GraphRecord:
+    """Apply the hae passes to `gm` in place and describe the result (`fuse`: also fuse packed projections)."""
     roles = cache_roles_from_example_inputs(gm.graph, example_inputs)
     report = dap = None
+    fused: list[FusedProjections] = []
     if roles:
         dap = place_prefill_plan(gm, roles)
         report = rewrite_attention(gm, roles)
-        log.debug("hae: %s%s", report, f"; {dap}" if dap else "")
+        if fuse:
+            fused = fuse_projections(gm, example_inputs)
+        log.debug("hae: %s%s; %d projection group(s) fused", report, f"; {dap}" if dap else "", len(fused))
     else:
         log.info("hae: this graph reads no HAECache, compiling it unchanged; use "
                  "hae_fx.transform(model, hae_fx.HAEConfig(...)) to generate with an evicting cache")
     op_counts = Counter(_target_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
     return GraphRecord(report=report, op_counts=op_counts, code=gm.code, dap=dap,
-                       tokens_per_layer=_tokens_per_layer(gm.graph, roles))
+                       tokens_per_layer=_tokens_per_layer(gm.graph, roles), fused_projections=tuple(fused))
 
 
 def _tokens_per_layer(graph: fx.Graph, roles: dict[fx.Node, CacheRole]) -> dict[int, int]:
@@ -109,31 +118,51 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
         gm: the Dynamo graph.
         example_inputs: its inputs (real tensors; cache tensors are recognised by identity tags).
         mode: torch.compile mode, mapped to Inductor options here since custom backends receive it raw.
-        options: Inductor config patches, plus `"hae.compiler"` (see the module docstring).
+        options: Inductor config patches, plus `"hae.compiler"` and `"hae.fuse_projections"` (see the module
+            docstring).
         on_rewrite: called with the `GraphRecord` of the rewritten graph, before Inductor runs.
     """
     inductor_options = dict(options or {})
     compiler = inductor_options.pop(COMPILER_OPTION, "inductor")
     if compiler not in COMPILERS:
         raise ValueError(f"options[{COMPILER_OPTION!r}] must be one of {COMPILERS}, got {compiler!r}")
+    fuse = inductor_options.pop(FUSE_OPTION, True)
+    if not isinstance(fuse, bool):
+        raise ValueError(f"options[{FUSE_OPTION!r}] must be True or False, got {fuse!r}")
 
     refusal = graph_refusal(gm.graph)  # an HAEError found while Dynamo traced (hae_fx.ops.refuse)
     if refusal is not None:
         return _raises(refusal)
     try:
-        record = rewrite_graph(gm, example_inputs)
+        record = rewrite_graph(gm, example_inputs, fuse=fuse)
         if on_rewrite is not None:
             on_rewrite(record)
         if compiler == "eager":
-            return gm.forward
+            return _layout_checked(gm.forward, record.fused_projections, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
         patches.setdefault("post_grad_custom_pre_pass", _SourceKey())
         patches.update(inductor_options)
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return _layout_checked(compile_fx(gm, example_inputs, config_patches=patches), record.fused_projections,
+                               example_inputs)
     except HAEError as error:  # the passes', or one raised while Inductor lowers an hae op
         return _raises(error)
+
+
+def _layout_checked(compiled: Callable[..., Any], fused: tuple[FusedProjections, ...],
+                    example_inputs: list[Any]) -> Callable[..., Any]:
+    """`compiled`, checking on each call that the parameters its fused projections read are still packed (Dynamo
+    does not guard on storage; see `hae_fx.passes.projections`)."""
+    if not fused:
+        return compiled
+    layout = LayoutCheck(list(fused), example_inputs)
+
+    def checked(*args: Any) -> Any:
+        layout.check(args)
+        return compiled(*args)
+
+    return checked
 
 
 def _raises(error: HAEError) -> Callable[..., Any]:

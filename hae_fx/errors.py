@@ -23,3 +23,7 @@ class HAECapacityError(HAEError, ValueError):
 
 class HAEMissingDependencyError(HAEError, ImportError):
     """An optional package a feature needs (a model checkpoint, a converter, a text corpus) is not installed."""
+
+
+class HAEWeightLayoutError(HAEError, RuntimeError):
+    """Parameters a compiled graph reads as one packed matmul (projection fusion) were replaced or moved since."""

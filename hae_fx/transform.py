@@ -1,7 +1,7 @@
 """`transform(model, config)`: make an HF model generate with an `HAECache`, prefill and decode compiled
 through the hae backend.
 
-What it installs, on the model instance only (its class and weights are untouched):
+What it installs, on the model instance only (its class and weight values are untouched):
 
 - `model.generate`: takes the model's `HAECache` for the batch (one, reset and reused by every call that passes
   none, as HF's static cache is: a returned cache is the next call's), checks the request fits (`full` needs room
@@ -13,11 +13,13 @@ What it installs, on the model instance only (its class and weights are untouche
   through that decode step one by one.
 - the language model's `forward`: compiled prefill while the cache is empty, with the prompt's length a dynamic
   dimension (`hae_fx.prompt_shapes`): one graph for every prompt length.
+- for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
+  of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
+- its decoder layers' sibling projection weights (q/k/v, gate/up) become rows of one storage per group, the same
+  bytes (`hae_fx.packing`), so that the compiled graphs run each group as one matmul (`hae_fx.passes.projections`).
 
 Each compile is logged at INFO on the `hae_fx` logger when it starts and when it ends (CPU compiles take tens of
 seconds).
-- for a policy that prunes hidden states (`Policy.pruned_after`, e.g. `HAEConfig(prune_hidden=True)`), the forward
-  of the decoder layers after that layer (`hae_fx.pruning`): during prefill they compute on the kept tokens.
 
 The vision tower stays eager during prefill, as under HF's own compile (its graphs break on data-dependent
 code); decode never runs it.
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from hae_fx.backend import GraphRecord, hae_backend
+from hae_fx.backend import FUSE_OPTION, GraphRecord, hae_backend
 from hae_fx.batch_buckets import bucket, drop_padding, pad_request
 from hae_fx.cache import TEXT, VISUAL, HAECache
 from hae_fx.config import PolicyConfig
@@ -44,6 +46,7 @@ from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError
 from hae_fx.installation import Installation, install_deepcopy, installation_of
 from hae_fx.models import ModelFamily, decoder_layers, family_of
 from hae_fx.models.family import tower_not_traceable
+from hae_fx.packing import pack_projections
 from hae_fx.policies import policy_for
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.prompt_shapes import mark_prompt_dynamic
@@ -74,7 +77,8 @@ def _own_code(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mode: str | None = None,
-              options: dict[str, Any] | None = None, decode_loop: str = "hae") -> torch.nn.Module:
+              options: dict[str, Any] | None = None, decode_loop: str = "hae",
+              fuse_projections: bool = True) -> torch.nn.Module:
     """Ready `model` to generate with a fixed-capacity evicting cache; returns the same model.
 
     Args:
@@ -86,6 +90,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             Inductor (the eager-reference path).
         decode_loop: `"hae"` runs greedy and multinomial decoding in `hae_fx.decode_loop` (HF's tokens without a
             host-device synchronisation per step); `"hf"` keeps HF's own loop for every request.
+        fuse_projections: pack each decoder layer's sibling projection weights (q/k/v, gate/up) into one storage
+            and run each group as one matmul; False leaves the weights and the graphs' linears as they are.
 
     The model gains `hae_config` and `hae_graphs` (`{"prefill": [...], "decode": [...], "chunk": [...]}`, one
     `hae_fx.backend.GraphRecord` per graph compiled: what the passes found and the rewritten code).
@@ -104,6 +110,12 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     family.layer_kinds(model)  # refuses layer types hae_fx does not know, before anything is compiled
     policy.check_model(family.num_layers(model))
     graphs: dict[str, list[GraphRecord]] = {"prefill": [], "decode": [], "chunk": []}
+    language_model = family.language_model(model)
+    if fuse_projections:
+        layers = decoder_layers(language_model, family.num_layers(model))
+        pack_projections([(f"layers.{index}", layer) for index, layer in enumerate(layers)], model)
+    else:
+        options = {**(options or {}), FUSE_OPTION: False}
 
     def backend_for(phase: str) -> Any:
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -116,7 +128,6 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
 
         return compile_graph
 
-    language_model = family.language_model(model)
     towers = family.towers_inside(language_model)
 
     eager_language_forward = language_model.forward
@@ -227,7 +238,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
     installation.set(model, "hae_config", config)
     installation.set(model, "hae_graphs", graphs)
     install_deepcopy(installation, model, lambda clone: transform(clone, config, mode=mode, options=options,
-                                                                        decode_loop=decode_loop))
+                                                                        decode_loop=decode_loop,
+                                                                        fuse_projections=fuse_projections))
     return model
 
 
