@@ -21,15 +21,22 @@ wraps it and re-raises its errors as `hae_fx` errors.
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import zipfile
-from collections.abc import Sequence
+import sys
 from pathlib import Path
-from typing import Any
 
-import torch
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # run in place, the script's folder is hae_fx's package folder, whose modules (inspect.py) would shadow the
+    # standard library's
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import zipfile  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 #: version of the package layout this runner reads; `hae_fx.export` writes the same number
 FORMAT_VERSION = 1
@@ -59,6 +66,10 @@ class PackageCorruptError(PackageError):
 
 class PackageConfigError(PackageError):
     """The package was built for another eviction config than the one the caller expects."""
+
+
+class PromptError(PackageError, ValueError):
+    """A prompt the package was not built for (batch, length, inputs)."""
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -166,14 +177,14 @@ class Runner:
         """Refuse a prompt the package was not built for, before anything runs."""
         meta = self.metadata
         if input_ids.dim() != 2 or input_ids.shape[0] != meta["batch"]:
-            raise ValueError(f"input_ids must be [batch={meta['batch']}, tokens] (the package's batch), got "
+            raise PromptError(f"input_ids must be [batch={meta['batch']}, tokens] (the package's batch), got "
                              f"{tuple(input_ids.shape)}; export again with example inputs of the batch you need")
         if not meta["min_prompt_len"] <= input_ids.shape[1] <= meta["max_prompt_len"]:
-            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; the package takes "
+            raise PromptError(f"the prompt has {input_ids.shape[1]} tokens; the package takes "
                              f"{meta['min_prompt_len']} to {meta['max_prompt_len']} (export with a larger "
                              "max_prompt_len for longer prompts)")
         if meta["max_total_tokens"] is not None and input_ids.shape[1] + max_new_tokens > meta["max_total_tokens"]:
-            raise ValueError(f"policy {meta['policy']!r} keeps every token: prompt {input_ids.shape[1]} + "
+            raise PromptError(f"policy {meta['policy']!r} keeps every token: prompt {input_ids.shape[1]} + "
                              f"max_new_tokens {max_new_tokens} exceed its capacity {meta['max_total_tokens']}")
 
     @torch.inference_mode()
@@ -186,12 +197,14 @@ class Runner:
         meta = self.metadata
         self.check_prompt(input_ids, max_new_tokens)
         if (pixel_values is None) == meta["image_input"]:
-            raise ValueError("this package's prefill takes pixel_values" if meta["image_input"] else
+            raise PromptError("this package's prefill takes pixel_values" if meta["image_input"] else
                              "this package was exported without a vision tower: pass no pixel_values")
         device = self.device
         # contiguous: the programs were compiled for contiguous inputs
         input_ids = input_ids.to(device).contiguous()
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).contiguous()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device).contiguous()
         self.reset()
         kept = torch.empty(0, min(input_ids.shape[1], meta["kept_len_max"]), device=device)
         prefill_inputs = [input_ids, attention_mask, kept, self.cache]

@@ -30,6 +30,7 @@ import importlib.metadata
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from hae_fx.transform import prompt_metadata
 
 log = logging.getLogger("hae_fx")
 
+#: the metadata again, one fact per line, for runners without a JSON parser (examples/deploy_cpp)
+CPP_METADATA = "extra/hae_fx.txt"
 #: the shortest prompt a package takes (a one-token prompt would make the prompt dimension a constant)
 MIN_PROMPT_LEN = 2
 
@@ -189,18 +192,28 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple)
     return program
 
 
-def _aot_compile(program: torch.export.ExportedProgram, args: tuple, name: str) -> list:
+def _aot_compile(program: torch.export.ExportedProgram, args: tuple, name: str, options: dict[str, Any]) -> list:
     start = time.perf_counter()
     log.info("hae: compiling the %s program with AOTInductor...", name)
     files = torch._inductor.aot_compile(program.module(), args, options={
-        "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
+        **options, "aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
         "aot_inductor.package_constants_on_disk_format": "pickle_weights"})
     log.info("hae: %s program compiled in %.1f s", name, time.perf_counter() - start)
-    return files
+    return [_plain_weights(file) for file in files]
+
+
+def _plain_weights(file: Any) -> Any:
+    """A weights table with plain tensors in place of `nn.Parameter`s (same storage): the archive writer pickles
+    each, and C++'s unpickler (`torch::pickle_load`) reads tensors but not parameters."""
+    from torch.export.pt2_archive._package_weights import Weights
+
+    if not isinstance(file, Weights):
+        return file
+    return Weights({fqn: (tensor.detach(), props) for fqn, (tensor, props) in file.items()})
 
 
 def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path: str | Path,
-           config: PolicyConfig, *, max_prompt_len: int = 512) -> Path:
+           config: PolicyConfig, *, max_prompt_len: int = 512, options: dict[str, Any] | None = None) -> Path:
     """Build one `.pt2` package holding `model`'s prefill and decode programs with `config`'s eviction.
 
     Args:
@@ -211,6 +224,7 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
         path: where to write the package (`.pt2`).
         config: the eviction policy's config.
         max_prompt_len: the longest prompt the package takes.
+        options: Inductor config patches for both programs.
 
     Returns:
         `path`. `hae_fx.load(path)` (or `hae_fx.deploy_runner.Runner` without hae_fx) runs it.
@@ -246,15 +260,17 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
         # contiguous examples: AOTInductor compiles for the example inputs' strides
         decode_args = (input_ids[:, -1:].contiguous(), attention_mask.sum(-1, keepdim=True), cache_values)
         decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)))
-        files = {"prefill": _aot_compile(prefill, prefill_args, "prefill"),
-                 "decode": _aot_compile(decode, decode_args, "decode")}
+        files = {"prefill": _aot_compile(prefill, prefill_args, "prefill", options or {}),
+                 "decode": _aot_compile(decode, decode_args, "decode", options or {})}
     metadata = _metadata(model, config, family.name if family.model_types else model.config.model_type, batch,
                          max_prompt_len, kept_max, tensors, image_input, pixel_values, input_ids.device, files)
     path.parent.mkdir(parents=True, exist_ok=True)
     from torch.export.pt2_archive._package import package_pt2
 
-    package_pt2(str(path), aoti_files=files, extra_files={deploy_runner.METADATA.removeprefix("extra/"):
-                                                          json.dumps(metadata, indent=1)})
+    extra = {deploy_runner.METADATA.removeprefix("extra/"): json.dumps(metadata, indent=1),
+             CPP_METADATA.removeprefix("extra/"): cpp_metadata(metadata)}
+    package_pt2(str(path), aoti_files=files, extra_files=extra)
+    _check_weights_records(path, metadata["weights"])
     log.info("hae: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
     return path
 
@@ -311,3 +327,37 @@ def weights_tables(files: dict[str, list]) -> dict[str, dict[str, list]]:
             props = weights[name].get_weight_properties(fqn)
             tables[name][fqn] = [f"weight_{index}", list(props.shape), list(props.stride), props.offset]
     return tables
+
+
+def _check_weights_records(path: Path, tables: dict[str, dict[str, list]]) -> None:
+    """The archive writer's own record of where each weight went must be the metadata's."""
+    with zipfile.ZipFile(path) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        for name, table in tables.items():
+            written = json.loads(archive.read(f"{root}/data/aotinductor/{name}/weights_config.json"))
+            if {fqn: entry[0] for fqn, entry in written.items()} != {fqn: entry[0] for fqn, entry in table.items()}:
+                raise HAEUnsupportedModelError(
+                    f"the {name} program's weights were stored under other records than hae_fx.export expected; "
+                    "this torch packages weights differently from the one hae_fx.export was written for"
+                )
+
+
+def cpp_metadata(metadata: dict[str, Any]) -> str:
+    """`metadata` as lines of space-separated words, which a C++ runner reads with `std::istringstream`:
+
+        batch 2 / min_prompt_len 2 / max_prompt_len 64 / kept_len_max 23 / image_input 0 / pad_token_id 0
+        eos_token_id ID...                                   (no ids: no end-of-sequence token)
+        cache NAME DTYPE FILL NDIM SHAPE...                  (one per cache tensor, in input order)
+        weight PROGRAM FQN RECORD OFFSET NDIM SHAPE... STRIDE...
+    """
+    lines = [f"{key} {int(metadata[key])}" for key in ("format", "batch", "min_prompt_len", "max_prompt_len",
+                                                       "kept_len_max", "image_input")]
+    lines.append(f"pad_token_id {metadata['pad_token_id'] or 0}")
+    lines.append(" ".join(["eos_token_id", *map(str, metadata["eos_token_id"] or [])]))
+    for spec in metadata["cache"]:
+        lines.append(" ".join(map(str, ["cache", spec["name"], spec["dtype"], spec["fill"], len(spec["shape"]),
+                                        *spec["shape"]])))
+    for program, table in metadata["weights"].items():
+        for fqn, (record, shape, stride, offset) in table.items():
+            lines.append(" ".join(map(str, ["weight", program, fqn, record, offset, len(shape), *shape, *stride])))
+    return "\n".join(lines) + "\n"
