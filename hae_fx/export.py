@@ -52,6 +52,8 @@ log = logging.getLogger("hae_fx")
 
 #: the metadata again, one fact per line, for runners without a JSON parser (examples/deploy_cpp)
 CPP_METADATA = "extra/hae_fx.txt"
+#: the inputs a package's prefill takes (pixel values only for a VLM whose tower goes into the package)
+EXAMPLE_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 #: the shortest prompt a package takes (a one-token prompt would make the prompt dimension a constant)
 MIN_PROMPT_LEN = 2
 
@@ -232,6 +234,13 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
     path = Path(path)
     if path.suffix != ".pt2":
         raise HAEConfigError(f"the package path must end in .pt2, got {path}")
+    unknown = set(example_inputs) - set(EXAMPLE_INPUTS)
+    if unknown:
+        raise HAEUnsupportedModelError(
+            f"example inputs {sorted(unknown)}: an exported package's prefill takes {list(EXAMPLE_INPUTS)} only, "
+            f"and this model's prompts need more (e.g. image grids, token types); export supports models whose "
+            "prompts are ids, a mask and pixels"
+        )
     input_ids = example_inputs["input_ids"].contiguous()
     batch, length = input_ids.shape
     if not MIN_PROMPT_LEN <= length <= max_prompt_len:

@@ -168,6 +168,9 @@ def test_load_refuses_damaged_foreign_and_unexpected_packages(llava_package, lla
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(hae_fx.HAEPackageTruncatedError, match="truncated"):
         hae_fx.load(truncated)
+    refused = subprocess.run([sys.executable, "-m", "hae_fx", "run", str(truncated), "--prompt-ids", "1", "2"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "HAEPackageTruncatedError" in refused.stderr.splitlines()[-1]
 
     corrupted = tmp_path / "corrupted.pt2"
     flipped = bytearray(data)
@@ -212,6 +215,8 @@ def test_export_refuses_configs_a_package_cannot_run(tmp_path):
         hae_fx.export(model, inputs, tmp_path / "m.pt2", CONFIGS["hae"].replace(prune_hidden=True))
     with pytest.raises(hae_fx.HAEConfigError, match="max_prompt_len"):
         hae_fx.export(model, inputs, tmp_path / "m.pt2", CONFIGS["hae"], max_prompt_len=8)
+    with pytest.raises(hae_fx.HAEUnsupportedModelError, match="image_sizes"):
+        hae_fx.export(model, {**inputs, "image_sizes": torch.tensor([[32, 32]])}, tmp_path / "m.pt2", CONFIGS["hae"])
 
 
 # -- a text model through the command line, and the C++ runner ---------------------------------------------------
