@@ -281,7 +281,7 @@ def run_package(args: argparse.Namespace) -> None:
     runner = hae_fx.load(args.package)
     if runner.metadata["image_input"]:
         raise UsageError(f"{args.package} takes an image with every prompt; run it from Python "
-                         "(hae_fx.load(path).generate(..., pixel_values=...))")
+                         f"(hae_fx.load(path).generate(..., {runner.metadata['image_input']}=...))")
     prompt = torch.tensor([ids] * runner.metadata["batch"])
     start = time.perf_counter()
     out = runner.generate(input_ids=prompt, max_new_tokens=args.max_new_tokens)

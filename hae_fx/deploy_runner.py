@@ -8,6 +8,7 @@ tensors, the programs' input order and the prompt limits.
     from deploy_runner import Runner            # or: python deploy_runner.py model.pt2 --prompt-ids 1 5 9
     runner = Runner("model.pt2")
     tokens = runner.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=32)
+    # a package exported with image features instead of pixels: generate(..., image_features=features)
 
 The runner owns the cache: one set of tensors, allocated from the metadata, that both programs take as inputs
 and update in place. Prefill runs once per prompt (any length up to the package's maximum: the prompt length
@@ -187,18 +188,34 @@ class Runner:
             raise PromptError(f"policy {meta['policy']!r} keeps every token: prompt {input_ids.shape[1]} + "
                              f"max_new_tokens {max_new_tokens} exceed its capacity {meta['max_total_tokens']}")
 
+    def _image_input(self, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
+                     ) -> torch.Tensor | None:
+        """The image input the package's prefill takes (`metadata["image_input"]`), checked against its shape."""
+        expected = self.metadata["image_input"]
+        given = {"pixel_values": pixel_values, "image_features": image_features}
+        passed = [name for name, value in given.items() if value is not None]
+        if passed != ([expected] if expected else []):
+            raise PromptError(f"this package's prefill takes {expected or 'no image input'}, got "
+                              f"{passed or 'none'}")
+        if expected is None:
+            return None
+        image = given[expected]
+        if list(image.shape) != self.metadata["image_shape"]:
+            raise PromptError(f"{expected} of shape {list(image.shape)}; the package was exported for "
+                              f"{self.metadata['image_shape']} (the same images per prompt)")
+        return image
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32) -> torch.Tensor:
+                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy tokens: `[batch, prompt + new]`, the prompt followed by up to `max_new_tokens` new tokens (fewer
         when every sequence has emitted an end-of-sequence token; finished sequences are padded).
 
         Rows of a batch are left-padded (`attention_mask` 0 on padding), as HF's generate takes them."""
         meta = self.metadata
         self.check_prompt(input_ids, max_new_tokens)
-        if (pixel_values is None) == meta["image_input"]:
-            raise PromptError("this package's prefill takes pixel_values" if meta["image_input"] else
-                             "this package was exported without a vision tower: pass no pixel_values")
+        image = self._image_input(pixel_values, image_features)
         device = self.device
         # contiguous: the programs were compiled for contiguous inputs
         input_ids = input_ids.to(device).contiguous()
@@ -208,8 +225,8 @@ class Runner:
         self.reset()
         kept = torch.empty(0, min(input_ids.shape[1], meta["kept_len_max"]), device=device)
         prefill_inputs = [input_ids, attention_mask, kept, self.cache]
-        if pixel_values is not None:
-            prefill_inputs.append(pixel_values.to(device, getattr(torch, meta["image_dtype"])).contiguous())
+        if image is not None:
+            prefill_inputs.append(image.to(device, getattr(torch, meta["image_dtype"])).contiguous())
         logits = self.programs["prefill"](*prefill_inputs)
         position = (attention_mask.long().sum(-1, keepdim=True) - 1).clamp_min(0)
         eos = torch.tensor(meta["eos_token_id"] or [], dtype=torch.long, device=device)

@@ -52,8 +52,11 @@ log = logging.getLogger("hae_fx")
 
 #: the metadata again, one fact per line, for runners without a JSON parser (examples/deploy_cpp)
 CPP_METADATA = "extra/hae_fx.txt"
-#: the inputs a package's prefill takes (pixel values only for a VLM whose tower goes into the package)
-EXAMPLE_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+#: the image inputs a VLM's prefill can take: pixels (the vision tower goes into the package) or the projected
+#: features of every image placeholder token (the tower runs elsewhere)
+IMAGE_INPUTS = ("pixel_values", "image_features")
+#: the inputs a package's prefill takes
+EXAMPLE_INPUTS = ("input_ids", "attention_mask", *IMAGE_INPUTS)
 #: the shortest prompt a package takes (a one-token prompt would make the prompt dimension a constant)
 MIN_PROMPT_LEN = 2
 
@@ -107,24 +110,35 @@ def _bound(cache: HAECache, tensors: list[CacheTensor], values: list[torch.Tenso
 
 
 class _Prefill(torch.nn.Module):
-    """The prompt forward: positions and visual mask from the ids, the policy's prefill plan, the cache writes."""
+    """The prompt forward: positions and visual mask from the ids, the policy's prefill plan, the cache writes.
 
-    def __init__(self, model: torch.nn.Module, cache: HAECache, image_input: bool) -> None:
+    `image_input` names the image input (`IMAGE_INPUTS`) or is None. Image features `[N, hidden]` (one row per
+    image placeholder token of the batch, in order) replace the placeholders' embeddings, as HF's VLMs do with
+    their towers' output, and the model runs on those embeddings."""
+
+    def __init__(self, model: torch.nn.Module, cache: HAECache, image_input: str | None) -> None:
         super().__init__()
         self.model, self.cache, self.image_input = model, cache, image_input
         self.tensors = cache_tensors(cache)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kept: torch.Tensor,
-                cache: list[torch.Tensor], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                cache: list[torch.Tensor], image: torch.Tensor | None = None) -> torch.Tensor:
         state = self.cache
+        family = family_of(self.model)
         with _bound(state, self.tensors, cache):
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            state.prompt_pos, state.prompt_modality = prompt_metadata(family_of(self.model), self.model, (), kwargs)
+            state.prompt_pos, state.prompt_modality = prompt_metadata(family, self.model, (), kwargs)
             state.kept_len_carriers = [kept]
             state.prefilled = False
+            if self.image_input == "image_features":
+                embeds = self.model.get_input_embeddings()(input_ids)
+                placeholders = (input_ids == family.image_token_id(self.model)).unsqueeze(-1).expand_as(embeds)
+                kwargs = {"inputs_embeds": embeds.masked_scatter(placeholders, image.to(embeds.dtype)),
+                          "attention_mask": attention_mask}
+            elif self.image_input == "pixel_values":
+                kwargs["pixel_values"] = image
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            extra = {"pixel_values": pixel_values} if self.image_input else {}
-            out = self.model(**kwargs, **extra, position_ids=position_ids, past_key_values=state, use_cache=True,
+            out = self.model(**kwargs, position_ids=position_ids, past_key_values=state, use_cache=True,
                              logits_to_keep=1)
             return out.logits[:, -1]
 
@@ -221,8 +235,11 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
     Args:
         model: a plain HF generative model (`hae_fx.models.family_of` reads it), in eval mode, on the device the
             package is for (CPU or CUDA).
-        example_inputs: `input_ids` `[B, T]`, optionally `attention_mask` and, for a VLM, `pixel_values`. `B` is
-            the package's batch (fixed: the cache is allocated for it); `T` only has to lie in the prompt range.
+        example_inputs: `input_ids` `[B, T]`, optionally `attention_mask` and, for a VLM, `pixel_values` (the
+            vision tower goes into the package) or `image_features` `[N, hidden]`, the projected features of the
+            batch's `N` image placeholder tokens in order (for a tower that does not export: it runs elsewhere).
+            `B` is the package's batch (fixed: the cache is allocated for it); `T` only has to lie in the prompt
+            range; `N` is fixed too (the same images per prompt).
         path: where to write the package (`.pt2`).
         config: the eviction policy's config.
         max_prompt_len: the longest prompt the package takes.
@@ -252,16 +269,18 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
     _check_exportable(model, config, cache)
     kept_max = kept_len_max(config, batch, max_prompt_len)
     attention_mask = example_inputs.get("attention_mask", torch.ones_like(input_ids)).contiguous()
-    pixel_values = example_inputs.get("pixel_values")
-    pixel_values = None if pixel_values is None else pixel_values.contiguous()
-    image_input = pixel_values is not None
+    images = [name for name in IMAGE_INPUTS if example_inputs.get(name) is not None]
+    if len(images) > 1:
+        raise HAEConfigError(f"example inputs hold both {IMAGE_INPUTS}: pass pixels or image features, not both")
+    image_input = images[0] if images else None
+    image = example_inputs[image_input].contiguous() if image_input else None
     tensors = cache_tensors(cache)
     cache_values = [tensor.get() for tensor in tensors]
 
     prompt = torch.export.Dim("prompt_len", min=MIN_PROMPT_LEN, max=max_prompt_len)
     kept_dim = torch.export.Dim("kept_len", min=1, max=kept_max)
     kept = torch.empty(0, min(length, kept_max), device=input_ids.device)
-    prefill_args: tuple = (input_ids, attention_mask, kept, cache_values, *([pixel_values] if image_input else []))
+    prefill_args: tuple = (input_ids, attention_mask, kept, cache_values, *([image] if image_input else []))
     prefill_shapes: tuple = ({1: prompt}, {1: prompt}, {1: kept_dim}, [None] * len(cache_values),
                              *([None] if image_input else []))
     with torch.no_grad():
@@ -272,7 +291,7 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
         files = {"prefill": _aot_compile(prefill, prefill_args, "prefill", options or {}),
                  "decode": _aot_compile(decode, decode_args, "decode", options or {})}
     metadata = _metadata(model, config, family.name if family.model_types else model.config.model_type, batch,
-                         max_prompt_len, kept_max, tensors, image_input, pixel_values, input_ids.device, files)
+                         max_prompt_len, kept_max, tensors, image_input, image, input_ids.device, files)
     path.parent.mkdir(parents=True, exist_ok=True)
     from torch.export.pt2_archive._package import package_pt2
 
@@ -285,7 +304,7 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
 
 
 def _metadata(model: torch.nn.Module, config: PolicyConfig, family: str, batch: int, max_prompt_len: int,
-              kept_max: int, tensors: list[CacheTensor], image_input: bool, pixel_values: torch.Tensor | None,
+              kept_max: int, tensors: list[CacheTensor], image_input: str | None, image: torch.Tensor | None,
               device: torch.device, files: dict[str, list]) -> dict[str, Any]:
     generation = model.generation_config
     eos = generation.eos_token_id
@@ -307,9 +326,9 @@ def _metadata(model: torch.nn.Module, config: PolicyConfig, family: str, batch: 
         "eos_token_id": None if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         "pad_token_id": generation.pad_token_id,
         "image_input": image_input,
-        "image_shape": list(pixel_values.shape[1:]) if image_input else None,
-        "image_dtype": str(pixel_values.dtype).removeprefix("torch.") if image_input else None,
-        "prefill_inputs": ["input_ids", "attention_mask", "kept", "cache", *(["pixel_values"] if image_input else [])],
+        "image_shape": list(image.shape) if image_input else None,
+        "image_dtype": str(image.dtype).removeprefix("torch.") if image_input else None,
+        "prefill_inputs": ["input_ids", "attention_mask", "kept", "cache", *([image_input] if image_input else [])],
         "decode_inputs": ["input_ids", "position_ids", "cache"],
         "cache": [{"name": tensor.name, "shape": list(tensor.get().shape),
                    "dtype": str(tensor.get().dtype).removeprefix("torch."), "fill": tensor.fill} for tensor in tensors],
@@ -360,7 +379,8 @@ def cpp_metadata(metadata: dict[str, Any]) -> str:
         weight PROGRAM FQN RECORD OFFSET NDIM SHAPE... STRIDE...
     """
     lines = [f"{key} {int(metadata[key])}" for key in ("format", "batch", "min_prompt_len", "max_prompt_len",
-                                                       "kept_len_max", "image_input")]
+                                                       "kept_len_max")]
+    lines.append(f"image_input {int(metadata['image_input'] is not None)}")
     lines.append(f"pad_token_id {metadata['pad_token_id'] or 0}")
     lines.append(" ".join(["eos_token_id", *map(str, metadata["eos_token_id"] or [])]))
     for spec in metadata["cache"]:

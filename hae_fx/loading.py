@@ -54,15 +54,17 @@ class PackageRunner(deploy_runner.Runner):
             super().__init__(path, expect_config=expect_config, device=device)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32) -> torch.Tensor:
+                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 image_features: torch.Tensor | None = None) -> torch.Tensor:
         with _hae_errors():
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens, image_features=image_features)
 
 
 def load(path: str | Path, *, expect_config: PolicyConfig | None = None, device: str | None = None) -> PackageRunner:
     """Load a package built by `hae_fx.export`; `.generate(input_ids=..., attention_mask=..., pixel_values=...,
-    max_new_tokens=...)` decodes greedily.
+    max_new_tokens=...)` decodes greedily (`image_features=` in place of `pixel_values` for a package exported
+    with image features).
 
     Loading runs native code compiled into the package: load trusted files only.
 

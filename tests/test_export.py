@@ -61,16 +61,22 @@ def llava_prompts() -> list[dict[str, torch.Tensor]]:
     return [llava_inputs(model, 2), _longer_llava_inputs(model)]
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def llava_package(request, tmp_path_factory, llava_prompts):
-    """`(policy, package path, transform()'s tokens for each prompt)`, built once per policy."""
-    policy = request.param
-    config = CONFIGS[policy]
-    path = hae_fx.export(tiny_llava(seed=0), llava_prompts[0], tmp_path_factory.mktemp(policy) / "llava.pt2",
-                         config, max_prompt_len=MAX_PROMPT)
-    reference = hae_fx.transform(tiny_llava(seed=0), config, options=EAGER)
-    expected = [reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False) for inputs in llava_prompts]
-    return policy, path, expected
+@pytest.fixture(scope="module")
+def llava_package(tmp_path_factory, llava_prompts):
+    """`llava_package(policy)`: `(package path, transform()'s tokens for each prompt)`, each built once."""
+    built: dict[str, tuple[Path, list[torch.Tensor]]] = {}
+
+    def build(policy: str) -> tuple[Path, list[torch.Tensor]]:
+        if policy not in built:
+            config = CONFIGS[policy]
+            path = hae_fx.export(tiny_llava(seed=0), llava_prompts[0],
+                                 tmp_path_factory.mktemp(policy) / "llava.pt2", config, max_prompt_len=MAX_PROMPT)
+            reference = hae_fx.transform(tiny_llava(seed=0), config, options=EAGER)
+            built[policy] = path, [reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+                                   for inputs in llava_prompts]
+        return built[policy]
+
+    return build
 
 
 def _seen(runner) -> torch.Tensor:
@@ -78,8 +84,9 @@ def _seen(runner) -> torch.Tensor:
     return runner.cache[names.index("seen")]
 
 
-def test_llava_package_generates_transform_tokens(llava_package, llava_prompts):
-    policy, path, expected = llava_package
+@pytest.mark.parametrize("policy", list(CONFIGS))
+def test_llava_package_generates_transform_tokens(policy, llava_package, llava_prompts):
+    path, expected = llava_package(policy)
     runner = hae_fx.load(path, expect_config=CONFIGS[policy])
     assert runner.metadata["image_input"] and runner.metadata["family"] == "llava"
     for inputs, tokens in zip(llava_prompts, expected, strict=True):
@@ -91,9 +98,7 @@ def test_llava_package_generates_transform_tokens(llava_package, llava_prompts):
 
 
 def test_package_metadata_and_one_copy_of_the_weights(llava_package):
-    policy, path, _ = llava_package
-    if policy != "hae":
-        pytest.skip("one package is enough")
+    path, _ = llava_package("hae")
     meta = deploy_runner.read_metadata(path)
     assert meta["torch_version"] == torch.__version__ and meta["hae_fx_version"]
     assert json.loads(meta["config"]) == json.loads(CONFIGS["hae"].key())
@@ -134,9 +139,7 @@ _FRESH_PROCESS = textwrap.dedent("""
 def test_fresh_process_without_hae_fx(llava_package, llava_prompts, tmp_path):
     """The copied runner loads the package with torch alone (`python -I`, and any import of hae_fx raises): the
     hae ops were compiled into the package, never looked up."""
-    policy, path, expected = llava_package
-    if policy != "hae":
-        pytest.skip("one package is enough")
+    path, expected = llava_package("hae")
     shutil.copy(deploy_runner.__file__, tmp_path / "deploy_runner.py")
     (tmp_path / "fresh.py").write_text(_FRESH_PROCESS)
     torch.save(llava_prompts[1], tmp_path / "inputs.pt")
@@ -146,6 +149,33 @@ def test_fresh_process_without_hae_fx(llava_package, llava_prompts, tmp_path):
     result = torch.load(tmp_path / "out.pt")
     assert result["modules"] == [] and result["hae_ops"] == []
     assert torch.equal(result["tokens"], expected[1])
+
+
+def _image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What LLaVA's tower and projector give the decoder: one row per image placeholder token of the batch."""
+    config = model.config
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=pixel_values,
+                                             vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return torch.cat(list(out.pooler_output)).reshape(-1, config.text_config.hidden_size)
+
+
+def test_package_taking_image_features(llava_package, llava_prompts, tmp_path):
+    """For a tower that stays outside the package: the prefill takes the projected features in place of pixels,
+    and the tokens are those of the pixel path."""
+    _, expected = llava_package("hae")
+    model = tiny_llava(seed=0)
+    features = [_image_features(model, inputs["pixel_values"]) for inputs in llava_prompts]
+    text = [{name: inputs[name] for name in ("input_ids", "attention_mask")} for inputs in llava_prompts]
+    path = hae_fx.export(model, {**text[0], "image_features": features[0]}, tmp_path / "features.pt2",
+                         CONFIGS["hae"], max_prompt_len=MAX_PROMPT)
+    runner = hae_fx.load(path)
+    assert runner.metadata["image_input"] == "image_features"
+    for inputs, image, tokens in zip(text, features, expected, strict=True):
+        assert torch.equal(runner.generate(**inputs, image_features=image, max_new_tokens=NEW_TOKENS), tokens)
+    with pytest.raises(hae_fx.HAECapacityError, match="takes image_features"):
+        runner.generate(**llava_prompts[0], max_new_tokens=NEW_TOKENS)
 
 
 def _rewrite_metadata(source: Path, target: Path, **changes: object) -> None:
@@ -159,9 +189,7 @@ def _rewrite_metadata(source: Path, target: Path, **changes: object) -> None:
 
 
 def test_load_refuses_damaged_foreign_and_unexpected_packages(llava_package, llava_prompts, tmp_path):
-    policy, path, _ = llava_package
-    if policy != "hae":
-        pytest.skip("one package is enough")
+    path, _ = llava_package("hae")
     data = path.read_bytes()
 
     truncated = tmp_path / "truncated.pt2"
