@@ -42,7 +42,7 @@ from hae_fx import deploy_runner
 from hae_fx.backend import rewrite_graph
 from hae_fx.cache import HAECache
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAEConfigError, HAEUnsupportedModelError
+from hae_fx.errors import HAEConfigError, HAESiteError, HAEUnsupportedModelError
 from hae_fx.models import family_of
 from hae_fx.policies import policy_for
 from hae_fx.slots import CORE_BUFFERS
@@ -201,10 +201,21 @@ def _role_inputs(program: torch.export.ExportedProgram, flat_inputs: list[Any]) 
     return [next(user) if kind == torch.export.graph_signature.InputKind.USER_INPUT else None for kind in kinds]
 
 
-def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> torch.export.ExportedProgram:
+def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, name: str
+                    ) -> torch.export.ExportedProgram:
+    """`torch.export` one wrapper, then the hae passes on its graph (the cache tensors are recognised by the
+    roles their example values carry).
+
+    Raises:
+        HAESiteError: the decode graph's attention over the cache slots was not rewritten (it would attend over
+            every slot under the model's own mask).
+    """
     program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    flat = [value for value in torch.utils._pytree.tree_leaves(args)]
-    rewrite_graph(program.graph_module, _role_inputs(program, flat))
+    record = rewrite_graph(program.graph_module, _role_inputs(program, torch.utils._pytree.tree_leaves(args)))
+    if name == "decode" and (record.report is None or not record.report.layers):
+        raise HAESiteError("the exported decode graph has no attention over the HAECache slots to rewrite; "
+                           "export supports models whose attention the hae passes find (SDPA or HF's eager form)")
+    log.debug("hae: %s program: %s", name, record.report)
     return program
 
 
@@ -284,10 +295,11 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
     prefill_shapes: tuple = ({1: prompt}, {1: prompt}, {1: kept_dim}, [None] * len(cache_values),
                              *([None] if image_input else []))
     with torch.no_grad():
-        prefill = _export_program(_Prefill(model, cache, image_input), prefill_args, prefill_shapes)
+        prefill = _export_program(_Prefill(model, cache, image_input), prefill_args, prefill_shapes, "prefill")
         # contiguous examples: AOTInductor compiles for the example inputs' strides
         decode_args = (input_ids[:, -1:].contiguous(), attention_mask.sum(-1, keepdim=True), cache_values)
-        decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)))
+        decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)),
+                                 "decode")
         files = {"prefill": _aot_compile(prefill, prefill_args, "prefill", options or {}),
                  "decode": _aot_compile(decode, decode_args, "decode", options or {})}
     metadata = _metadata(model, config, family.name if family.model_types else model.config.model_type, batch,
