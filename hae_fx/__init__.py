@@ -5,6 +5,9 @@
     out = model.generate(**inputs, max_new_tokens=100, return_dict_in_generate=True)
     out.past_key_values.nbytes     # fixed, whatever the prompt or generation length
     print(hae_fx.report(out.past_key_values))   # kept visual/text tokens, bin, KV bytes vs a full cache
+
+    hae_fx.export(model, inputs, "model.pt2", hae_fx.HAEConfig(capacity=256))   # one AOTInductor package
+    tokens = hae_fx.load("model.pt2").generate(**inputs, max_new_tokens=100)  # runs without hae_fx too
 """
 
 from hae_fx import (
@@ -16,11 +19,18 @@ from hae_fx.errors import (
     HAECapacityError,
     HAEConfigError,
     HAEError,
+    HAEPackageConfigError,
+    HAEPackageCorruptError,
+    HAEPackageError,
+    HAEPackageTruncatedError,
+    HAEPackageVersionError,
     HAESiteError,
     HAEUnsupportedModelError,
     HAEWeightLayoutError,
 )
+from hae_fx.export import export
 from hae_fx.inspect import ModelInspection, inspect
+from hae_fx.loading import load
 from hae_fx.policies.hae import HAEConfig
 from hae_fx.report import CacheReport, report
 from hae_fx.transform import transform
@@ -34,11 +44,18 @@ __all__ = [
     "HAEConfig",
     "HAEConfigError",
     "HAEError",
+    "HAEPackageConfigError",
+    "HAEPackageCorruptError",
+    "HAEPackageError",
+    "HAEPackageTruncatedError",
+    "HAEPackageVersionError",
     "HAESiteError",
     "HAEUnsupportedModelError",
     "HAEWeightLayoutError",
     "ModelInspection",
+    "export",
     "inspect",
+    "load",
     "report",
     "transform",
 ]

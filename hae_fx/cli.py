@@ -5,6 +5,8 @@ inspect what hae_fx would do to a model before anything runs, run the demo and t
     hae-fx inspect --model DIR [--policy hae --budget 0.5 --context 4096]
     hae-fx generate --model DIR --prompt TEXT [--image FILE] [--policy hae --budget 0.5 --device cuda]
     hae-fx bench accuracy|speed [the benchmark's own options]
+    hae-fx export --model DIR --out model.pt2 [--policy hae --budget 0.5 --max-prompt-len 512]
+    hae-fx run model.pt2 --prompt-ids 1 15043 [--max-new-tokens 32]   (or --prompt TEXT --tokenizer DIR)
 
 Everything is offline: `--model` is a local folder as `save_pretrained` writes it. Exit codes: 0 on success, 1
 when hae_fx refuses the model or the request (the message says why and what to do), 2 for bad arguments.
@@ -20,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -56,6 +58,14 @@ EXAMPLES = {
   hae-fx bench speed --device cpu --quick --out results/
   hae-fx bench speed --batch 8 --out results/         # on a GPU: LLaVA-1.5-7B shapes
   hae-fx bench accuracy --help                        # the benchmark's own options
+""",
+    "export": """examples:
+  hae-fx export --model ~/.cache/hae_fx/gemma3-270m --out gemma.pt2 --policy hae --budget 0.5 --max-prompt-len 512
+  hae-fx export --model ./llava-1.5-7b-hf --out llava.pt2 --device cuda --dtype bfloat16 --batch 8
+""",
+    "run": """examples:
+  hae-fx run gemma.pt2 --prompt "The capital of France is" --tokenizer ~/.cache/hae_fx/gemma3-270m
+  hae-fx run text.pt2 --prompt-ids 1 44 89 96 4 121 87 26 42 107 --max-new-tokens 12
 """,
 }
 
@@ -286,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("options", nargs=argparse.REMAINDER,
                        help="the benchmark's own options, passed on (`hae-fx bench accuracy --help` lists them); "
                             "without --out, results go to bench-results/<benchmark>")
+    add_deploy_commands(command)
     return parser
 
 
@@ -301,12 +312,109 @@ def log_level(args: argparse.Namespace) -> int:
         raise UsageError(f"{logs.LOG_ENV}: {error}") from None
 
 
+# -- export and run: AOTInductor packages (hae_fx.export, hae_fx.deploy_runner) ---------------------------------
+def add_deploy_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """`hae-fx export` (build one .pt2 package) and `hae-fx run` (generate from one), made by `command` as the
+    other commands are (logging flags, examples)."""
+    export = command("export", "build one AOTInductor .pt2 package: prefill + decode, eviction compiled in; it "
+                     "runs without hae_fx")
+    export.add_argument("--model", type=Path, required=True, help="a local HF checkpoint folder")
+    export.add_argument("--out", type=Path, required=True, help="the package to write (.pt2)")
+    export.add_argument("--policy", default="hae", help=f"eviction policy: {', '.join(available())}")
+    export.add_argument("--budget", type=float, default=0.5,
+                        help="share of a full cache to keep, in (0, 1] (default 0.5)")
+    export.add_argument("--max-prompt-len", type=int, default=512, help="the longest prompt the package takes")
+    export.add_argument("--context", type=int,
+                        help="tokens (prompt + generated) the budget is a share of (default: max prompt + 256)")
+    export.add_argument("--batch", type=int, default=1, help="sequences per generate call (fixed in the package)")
+    export.add_argument("--device", default="cpu", help="the device the package is compiled for: cpu, cuda")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: the checkpoint's)")
+    run = command("run", "generate greedily from a .pt2 package (loading it runs native code: trusted files only)")
+    run.add_argument("package", type=Path)
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt's token ids")
+    prompt.add_argument("--prompt", help="the prompt's text (needs --tokenizer)")
+    run.add_argument("--tokenizer", type=Path, help="a folder holding the model's tokenizer (for --prompt)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    import hae_fx
+
+    config = _load_config(args.model)
+    if args.max_prompt_len < 2:
+        raise UsageError(f"--max-prompt-len must be at least 2, got {args.max_prompt_len}")
+    context = args.context or args.max_prompt_len + 256
+    hae_config = policy_config(args.policy, args.budget, context)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    log.info("loading %s", args.model)
+    model = _model_class(config).from_pretrained(args.model, local_files_only=True, dtype=dtype).to(args.device).eval()
+    example = _example_inputs(args.model, config, args.batch, args.max_prompt_len)
+    example = {name: value.to(args.device) for name, value in example.items()}
+    start = time.perf_counter()
+    path = hae_fx.export(model, example, args.out, hae_config, max_prompt_len=args.max_prompt_len)
+    print(f"wrote {path} ({_size(path.stat().st_size)}) in {time.perf_counter() - start:.0f} s: {args.policy}, "
+          f"capacity {hae_config.capacity}, batch {args.batch}, prompts up to {args.max_prompt_len} tokens")
+
+
+def _example_inputs(model_dir: Path, config, batch: int, max_prompt_len: int) -> dict[str, torch.Tensor]:
+    """Inputs to trace the programs with: any text prompt; for a VLM, one image through the model's processor."""
+    if not hasattr(config, "vision_config"):
+        length = min(8, max_prompt_len)
+        return {"input_ids": torch.ones(batch, length, dtype=torch.long)}
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {model_dir} is a vision-language model without a processor there; the export "
+                         f"traces the vision tower with one image the processor prepares ({error})") from error
+    image = Image.new("RGB", (224, 224))
+    text = f"{getattr(processor, 'image_token', '<image>')}\n"
+    inputs = processor(text=[text] * batch, images=[image] * batch, return_tensors="pt")
+    return {name: inputs[name] for name in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def run_package(args: argparse.Namespace) -> None:
+    import hae_fx
+
+    if args.prompt is not None and args.tokenizer is None:
+        raise UsageError("--prompt needs --tokenizer DIR (or pass --prompt-ids)")
+    if not args.package.is_file():
+        raise UsageError(f"{args.package}: no such file")
+    tokenizer = None
+    if args.prompt is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        ids = tokenizer(args.prompt)["input_ids"]
+    else:
+        ids = args.prompt_ids
+    runner = hae_fx.load(args.package)
+    if runner.metadata["image_input"]:
+        raise UsageError(f"{args.package} takes an image with every prompt; run it from Python "
+                         f"(hae_fx.load(path).generate(..., {runner.metadata['image_input']}=...))")
+    prompt = torch.tensor([ids] * runner.metadata["batch"])
+    start = time.perf_counter()
+    out = runner.generate(input_ids=prompt, max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    new = out[0, prompt.shape[1]:].tolist()
+    print(" ".join(map(str, new)))
+    if tokenizer is not None:
+        print(tokenizer.decode(new, skip_special_tokens=True))
+    print(f"{len(new)} tokens in {seconds:.2f} s ({runner.metadata['policy']}, {runner.metadata['family']})",
+          file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         logs.configure(log_level(args))
-        {"demo": run_demo, "inspect": run_inspect, "generate": run_generate, "bench": run_bench}[args.command](args)
+        {"demo": run_demo, "inspect": run_inspect, "generate": run_generate, "bench": run_bench,
+         "export": run_export, "run": run_package}[args.command](args)
     except UsageError as error:
         parser.error(str(error))  # exits with 2
     except HAEError as error:

@@ -27,3 +27,23 @@ class HAEMissingDependencyError(HAEError, ImportError):
 
 class HAEWeightLayoutError(HAEError, RuntimeError):
     """Parameters a compiled graph reads as one packed matmul (projection fusion) were replaced or moved since."""
+
+
+class HAEPackageError(HAEError, RuntimeError):
+    """An exported `.pt2` package that `hae_fx.load` refuses to run."""
+
+
+class HAEPackageVersionError(HAEPackageError):
+    """The package was built by another torch (its native code is bound to that libtorch) or package format."""
+
+
+class HAEPackageTruncatedError(HAEPackageError):
+    """The package file ends early (a partial download or copy)."""
+
+
+class HAEPackageCorruptError(HAEPackageError):
+    """The package's records fail their checksums, or the file is not an hae_fx package."""
+
+
+class HAEPackageConfigError(HAEPackageError):
+    """The package was built for another eviction config than the one expected."""
