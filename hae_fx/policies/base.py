@@ -101,6 +101,20 @@ def prefill_protected(config: PolicyConfig, prompt: Prompt) -> torch.Tensor:
     return prompt.valid & protected_slots(config, prompt.token_pos, prompt.seen.squeeze(-1))
 
 
+def last_query_row(prompt: Prompt, attention: torch.Tensor) -> torch.Tensor:
+    """`[B, T]`: the attention row (`attention`: `[B, T, T]`) of each sequence's last real prompt token (with left
+    padding, the last index)."""
+    rows = prompt.token_pos.argmax(dim=-1).view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
+    return attention.gather(1, rows).squeeze(1)
+
+
+def protected_priority(config: PolicyConfig, prompt: Prompt, ranked: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` prefill priority: `ranked` (a policy's own ranking of the prompt tokens) for the tokens it chooses
+    among, `MUST_KEEP` for sinks and the recent window, `NEVER_KEEP` for padding."""
+    priority = torch.where(prefill_protected(config, prompt), MUST_KEEP, ranked)
+    return torch.where(prompt.valid, priority, NEVER_KEEP)
+
+
 def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
     """`[B]` slot of the smallest `key` (floating point) among `candidates` (`[B, C]` bool), ties broken by the
     lowest position, so the choice never depends on where eviction happened to leave tokens. A row without
@@ -235,3 +249,14 @@ class Policy:
         """Called once per decode step, after the last global layer wrote the new token to slot `slot` (`[B]`),
         with every global layer's new values (`[B, Hkv, 1, D]` each): for per-slot state derived from them. Cache
         buffers are read by hae ops only, so this is where a policy sees values at decode."""
+
+
+class ScoredPolicy(Policy):
+    """A policy that ranks prompt tokens from every global layer's prefill attention and, with a full cache, evicts
+    the unprotected slot with the lowest score (H2O, SnapKV, TOVA and the policies built on their scores)."""
+
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
+        return tuple(global_layers)
+
+    def decode_victim(self, state: SlotState) -> torch.Tensor:
+        return lowest(evictable_slots(self.config, state), state.score, state.slot_pos)
