@@ -23,6 +23,7 @@ share of shapes described correctly for descriptions, overall = mean over questi
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import dataclasses
@@ -51,16 +52,19 @@ RESULTS = Path(__file__).parent / "results"
 
 @dataclass(frozen=True)
 class Variant:
-    """A policy under test, whether `prune_hidden` is on, and how its K/V slots are stored (None: model dtype)."""
+    """A policy under test, whether `prune_hidden` is on, how its K/V slots are stored (None: model dtype), and
+    fields set from the command line (`--set`, for ablations) where its config has them."""
 
     policy: str
     prune_hidden: bool = False
     kv_dtype: str | None = None
+    settings: tuple[tuple[str, object], ...] = ()
 
     @property
     def name(self) -> str:
         name = f"{self.policy}_prune" if self.prune_hidden else self.policy
-        return f"{name}+{self.kv_dtype}" if self.kv_dtype else name
+        name = f"{name}+{self.kv_dtype}" if self.kv_dtype else name
+        return name + "".join(f"[{field}={value}]" for field, value in self.settings)
 
     @property
     def evicts(self) -> bool:
@@ -91,8 +95,10 @@ def config_for(variant: Variant, capacity: int) -> PolicyConfig:
     policies with a recycle bin, a bin of an eighth (at least 1). Every other field keeps its default (the
     papers' values: DAP thresholds, SnapKV's pooling, ...).
     """
-    return sweep_config(variant.policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
-                        bin_size=max(1, capacity // 8), prune_hidden=variant.prune_hidden, kv_dtype=variant.kv_dtype)
+    return sweep_config(variant.policy, **{
+        "capacity": capacity, "sinks": SINKS, "window": max(1, min(16, capacity // 4)),
+        "bin_size": max(1, capacity // 8), "prune_hidden": variant.prune_hidden, "kv_dtype": variant.kv_dtype,
+        **dict(variant.settings)})
 
 
 @dataclass
@@ -224,6 +230,11 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    return name, ast.literal_eval(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="60 questions and 3 budgets (CI)")
@@ -234,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="variants to run, e.g. full,streaming,hae,hae_prune,hae+int8 (default: all)")
     parser.add_argument("--kv-dtype", choices=("int8", "float8_e4m3fn"), action="append", default=[],
                         help="also run every variant with its K/V slots in this 8-bit form (repeatable)")
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field for every variant whose config has it, e.g. compensate=False (an "
+                             "ablation; a Python literal; repeatable)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
                         help="what runs the rewritten graphs: the ops' reference implementations (default: the "
@@ -254,6 +268,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     out.mkdir(parents=True, exist_ok=True)
     every = variants(args.kv_dtype)
     chosen = [v for v in every if args.policies is None or v.name in args.policies]
+    if args.set:
+        chosen = [dataclasses.replace(v, settings=tuple((name, value) for name, value in args.set
+                                                        if name in config_fields(v.policy))) for v in chosen]
     if not chosen:
         raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
 
@@ -276,7 +293,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     table = markdown_table(rows)
     print(table)
     command = "python benchmarks/accuracy.py" + (" --quick" if args.quick else "") + \
-        "".join(f" --kv-dtype {kv_dtype}" for kv_dtype in args.kv_dtype)
+        "".join(f" --kv-dtype {kv_dtype}" for kv_dtype in args.kv_dtype) + \
+        "".join(f" --set {name}={value!r}" for name, value in args.set)
     (out / "accuracy.md").write_text(
         f"`{command}` ({questions} questions, compiler {args.compiler}, torch {torch.__version__}, "
         f"{platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s)\n\n"

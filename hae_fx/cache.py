@@ -3,7 +3,9 @@
 Per layer it holds `keys`/`values` buffers `[B, Hkv, C, D]`; all layers share one set of slot metadata, which
 `hae_fx.slots.SlotBuffers` owns (names, allocation, reset, the prefill plan's arguments), because policies
 broadcast one index set to every layer. A policy with per-layer capacities (`Policy.layer_capacities`) gets each
-global layer's buffers sized to its own capacity, with slot metadata of its own (a `SlotGroup` per layer).
+global layer's buffers sized to its own capacity, with slot metadata of its own (a `SlotGroup` per layer). A policy
+whose KV heads keep index sets of their own (`Policy.head_axis`) has slot metadata `[B, Hkv, C]`: each head of a
+layer's `[B, Hkv, C, D]` buffers holds its own tokens.
 
 Sliding-window and chunked layers (`hae_fx.layer_kinds`) never need more than their span of keys: each holds a
 ring of `min(span, capacity)` slots instead, where the token at position `p` lives in slot `p % ring`, with its
@@ -167,15 +169,19 @@ class HAECache(Cache):
                 f"policy {config.policy!r} merges evicted prompt K/V into kept slots, which 8-bit slots "
                 f"(kv_dtype={config.kv_dtype!r}) do not support yet; use kv_dtype=None with it"
             )
+        if self.policy.head_axis and (self.policy.merges_evicted or self.pruned_after is not None):
+            raise ValueError(f"policy {config.policy!r} keeps an index set per KV head, which prompt merging and "
+                             "hidden-state pruning (one index set for every head) cannot follow")
         stored = storage_dtype(config.kv_dtype, dtype)
         slot_bytes = 2 * kv_heads * (head_dim * stored.itemsize + (4 if is_quantized(stored) else 0))
         planned = sum(batch * layer.slots * (slot_bytes + (torch.int64.itemsize if layer.kind.windowed else 0))
-                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch, capacities)
+                      for layer in layers) + SlotBuffers.planned_nbytes(config, self.policy, batch, capacities,
+                                                                        kv_heads)
         check_device_holds(planned, device, f"an HAECache of capacity={self.capacity}, batch={batch}, "
                                             f"{num_layers} layers of {kv_heads} KV heads x {head_dim} ({dtype})")
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
-        self.slots = SlotBuffers(config, self.policy, batch, device, capacities)
+        self.slots = SlotBuffers(config, self.policy, batch, device, capacities, kv_heads)
         #: the layers whose prompt attention the policy's prefill plan reads; per slot group, those it plans from
         #: and the layer that emits its plan (a group without such layers plans at its first layer)
         self.plan_layers = self.policy.prefill_layers(global_layers)
@@ -469,7 +475,7 @@ class HAECache(Cache):
                                     chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(group), kept=self.kept_len_carriers[group],
-                                    config=self.config_key)
+                                    config=self.config_key, group=group, groups=len(self.slots.groups))
 
     def _chunk_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """A follow-up turn's chunk (`hae_fx.turns`, for a policy that never evicts): at layer 0 its tokens take the
@@ -491,7 +497,7 @@ class HAECache(Cache):
         group = self.slots.groups[self.layer_group[layer_idx]]
         slot = ring_decode_slot(layer.ring_pos, self.seen, layer.kind) if layer.kind.windowed else \
             group.core["step_slot"]
-        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.view(-1, 1),
+        torch.ops.hae.slot_write_(layer.keys, layer.values, key_states, value_states, slot.unsqueeze(-1),
                                   **layer.scale_arguments())
         if not layer.kind.windowed:
             self._step_values[layer_idx] = value_states
@@ -515,7 +521,8 @@ class HAECache(Cache):
 
 def kept_positions(cache: HAECache, layer: int = 0) -> list[list[int]]:
     """Sorted logical positions each sequence holds now in `layer`'s slots (every global layer's, unless the policy
-    gives layers capacities of their own); a debugging and testing aid; syncs with the device."""
+    gives layers capacities of their own; any of its KV heads', for a policy with a head axis); a debugging and
+    testing aid; syncs with the device."""
     return _sorted_positions(cache.slots.groups[cache.layer_group[layer]].core["slot_pos"])
 
 
@@ -526,4 +533,4 @@ def binned_positions(cache: HAECache) -> list[list[int]]:
 
 
 def _sorted_positions(slot_pos: torch.Tensor) -> list[list[int]]:
-    return [sorted(p for p in row if p >= 0) for row in slot_pos.cpu().tolist()]
+    return [sorted({p for p in row if p >= 0}) for row in slot_pos.flatten(1).cpu().tolist()]

@@ -15,7 +15,8 @@ class SequenceReport:
 
     Attributes:
         tokens_seen: prompt plus generated tokens so far (what a full cache would hold).
-        kept_visual, kept_text: tokens in the cache by modality, bin included.
+        kept_visual, kept_text: tokens in the cache by modality, bin included (for a policy whose KV heads keep
+            tokens of their own: the heads' mean of all kept and of visual ones, rounded down; text the rest).
         binned: tokens waiting in the recycle bin (evicted, still attended).
         prompt_visual: visual tokens the prompt had; `kept_visual / prompt_visual` is what survived.
     """
@@ -75,8 +76,9 @@ def report(cache: HAECache) -> CacheReport:
     occupied = cache.slot_pos >= 0
     visual = occupied & (cache.modality == VISUAL)
     binned = occupied & cache.policy.binned(cache.slots.state())
-    counts = torch.stack([visual.sum(-1), (occupied & ~visual).sum(-1), binned.sum(-1), cache.seen],
-                         dim=-1).cpu().tolist()
+    heads = occupied[0].numel() // occupied.shape[-1]  # KV heads with index sets of their own (1: one shared set)
+    kept, kept_visual, kept_binned = (mask.flatten(1).sum(-1) // heads for mask in (occupied, visual, binned))
+    counts = torch.stack([kept_visual, kept - kept_visual, kept_binned, cache.seen], dim=-1).cpu().tolist()
     sequences = tuple(
         SequenceReport(tokens_seen=seen, kept_visual=kept_visual, kept_text=kept_text, binned=binned,
                        prompt_visual=len(prompt_visual))

@@ -12,6 +12,10 @@ each sized to its layer, and only `seen` stays shared. A group holds:
 - `prefill_keep [B, C]` int64: the prompt index each slot takes at prefill;
 - the policy's own `[B, C, ...]` buffers (`Policy.extra_buffers`), e.g. `hae`'s `in_bin`.
 
+A policy whose KV heads keep index sets of their own (`Policy.head_axis`, MadaKV) has a head axis in every per-slot
+buffer (`[B, Hkv, C]`) and in `step_slot` (`[B, Hkv]`). The policy's per-sequence buffers (`Policy.cache_buffers`,
+`[B]`) exist once per cache, beside `seen`.
+
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs read
 them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use to
 recognise cache tensors among a graph's inputs.
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hae_fx.config import PolicyConfig
-from hae_fx.policies.base import Policy, SlotState
+from hae_fx.policies.base import Policy, SlotState, slot_index
 
 #: the buffers every cache has, with their dtypes and the value `reset` fills them with
 CORE_BUFFERS: dict[str, tuple[torch.dtype, int]] = {
@@ -71,19 +75,20 @@ class SlotGroup:
     (`Policy.layer_capacities`); then each global layer has a group, and its K/V buffers are sized to it."""
 
     def __init__(self, config: PolicyConfig, policy: Policy, batch: int, capacity: int, device: torch.device,
-                 index: int) -> None:
+                 index: int, kv_heads: int = 1) -> None:
         self.index, self.capacity = index, capacity
+        rows = (batch, kv_heads) if policy.head_axis else (batch,)
         self.core: dict[str, torch.Tensor] = {}
         for name, (dtype, fill) in CORE_BUFFERS.items():
             if name == "seen":
                 continue  # one per cache: `SlotBuffers.seen`
-            shape = (batch,) if name in PER_SEQUENCE else (batch, capacity)
+            shape = rows if name in PER_SEQUENCE else (*rows, capacity)
             tensor = torch.full(shape, fill, dtype=dtype, device=device)
             self.core[name] = static_buffer(tensor, CacheRole(name, config=config, group=index))
         self.extras: dict[str, torch.Tensor] = {}
         for name, spec in policy.extra_buffers().items():
             dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
-            tensor = torch.zeros(batch, capacity, *trailing, dtype=dtype, device=device)
+            tensor = torch.zeros(*rows, capacity, *trailing, dtype=dtype, device=device)
             self.extras[name] = static_buffer(tensor, CacheRole("extra", config=config, name=name, group=index))
 
     def tensors(self) -> list[torch.Tensor]:
@@ -96,28 +101,37 @@ class SlotGroup:
             tensor.zero_()
 
     def place(self, slot: torch.Tensor, modality: int, seen: torch.Tensor) -> None:
-        """Record each sequence's new token (position `seen`) in slot `slot` (`[B]`): score 0, `modality`, zeroed
-        policy extras. `[B, n]` slots and positions place a chunk of `n` tokens."""
-        rows = torch.arange(slot.shape[0], device=slot.device).view(-1, *([1] * (slot.dim() - 1)))
-        self.core["slot_pos"].index_put_((rows, slot), seen)
-        self.core["score"].index_put_((rows, slot), torch.zeros((), device=slot.device))
-        self.core["modality"].index_put_((rows, slot), torch.full((), modality, dtype=torch.int8, device=slot.device))
+        """Record each sequence's new token (position `seen`, `[B]`) in slot `slot` (`[B]`, or `[B, Hkv]` with a head
+        axis): score 0, `modality`, zeroed policy extras. Without a head axis, `[B, n]` slots and positions place a
+        chunk of `n` tokens (`hae_fx.turns`)."""
+        if self.core["slot_pos"].dim() == 3:  # a head axis: one slot per KV head
+            index = slot_index(slot)
+        else:
+            index = (torch.arange(slot.shape[0], device=slot.device).view(-1, *([1] * (slot.dim() - 1))), slot)
+        positions = seen if seen.shape == slot.shape else seen.view(-1, *[1] * (slot.dim() - 1)).expand_as(slot)
+        self.core["slot_pos"].index_put_(index, positions)
+        self.core["score"].index_put_(index, torch.zeros((), device=slot.device))
+        self.core["modality"].index_put_(index, torch.full((), modality, dtype=torch.int8, device=slot.device))
         for tensor in self.extras.values():
-            tensor.index_put_((rows, slot), torch.zeros((), dtype=tensor.dtype, device=slot.device))
+            tensor.index_put_(index, torch.zeros((), dtype=tensor.dtype, device=slot.device))
 
 
 class SlotBuffers:
     """The slot metadata of one cache, allocated for `batch` sequences: one `SlotGroup` per distinct index set
-    (`capacities`, one per group; `[config.capacity]` for a policy that keeps one set) and the shared `seen`."""
+    (`capacities`, one per group; `[config.capacity]` for a policy that keeps one set), the shared `seen` and the
+    policy's per-sequence buffers (`shared`). `kv_heads` sizes the head axis of a policy with one."""
 
     def __init__(self, config: PolicyConfig, policy: Policy, batch: int, device: torch.device,
-                 capacities: list[int] | None = None) -> None:
+                 capacities: list[int] | None = None, kv_heads: int = 1) -> None:
         capacities = capacities or [config.capacity]
-        self.groups = [SlotGroup(config, policy, batch, capacity, device, index)
+        self.groups = [SlotGroup(config, policy, batch, capacity, device, index, kv_heads)
                        for index, capacity in enumerate(capacities)]
         seen_dtype, seen_fill = CORE_BUFFERS["seen"]
         self.seen = static_buffer(torch.full((batch,), seen_fill, dtype=seen_dtype, device=device),
                                   CacheRole("seen", config=config))
+        self.shared = {name: static_buffer(torch.zeros(batch, dtype=dtype, device=device),
+                                           CacheRole("extra", config=config, name=name))
+                       for name, dtype in policy.cache_buffers().items()}
 
     @property
     def slot_pos(self) -> torch.Tensor:
@@ -145,37 +159,43 @@ class SlotBuffers:
         return self.groups[0].extras
 
     def tensors(self) -> list[torch.Tensor]:
-        return [tensor for group in self.groups for tensor in group.tensors()] + [self.seen]
+        return [tensor for group in self.groups for tensor in group.tensors()] + [self.seen, *self.shared.values()]
 
     @staticmethod
-    def planned_nbytes(config: PolicyConfig, policy: Policy, batch: int, capacities: list[int] | None = None) -> int:
-        """Bytes the buffers of `SlotBuffers(config, policy, batch, ..., capacities)` take, known before allocating
-        them."""
+    def planned_nbytes(config: PolicyConfig, policy: Policy, batch: int, capacities: list[int] | None = None,
+                       kv_heads: int = 1) -> int:
+        """Bytes the buffers of `SlotBuffers(config, policy, batch, ..., capacities, kv_heads)` take, known before
+        allocating them."""
         per_slot = sum(dtype.itemsize for name, (dtype, _) in CORE_BUFFERS.items() if name not in PER_SEQUENCE)
         for spec in policy.extra_buffers().values():
             dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
             per_slot += dtype.itemsize * math.prod(trailing)
         per_group = sum(CORE_BUFFERS[name][0].itemsize for name in PER_SEQUENCE if name != "seen")
+        heads = kv_heads if policy.head_axis else 1
         slots = sum(capacities or [config.capacity])
         groups = len(capacities or [config.capacity])
-        return batch * (slots * per_slot + groups * per_group + CORE_BUFFERS["seen"][0].itemsize)
+        shared = sum(dtype.itemsize for dtype in policy.cache_buffers().values())
+        per_sequence = CORE_BUFFERS["seen"][0].itemsize + shared
+        return batch * (heads * (slots * per_slot + groups * per_group) + per_sequence)
 
     def state(self, group: int = 0) -> SlotState:
         """A group's slot metadata, as the policies see it."""
         core = self.groups[group].core
         return SlotState(slot_pos=core["slot_pos"], score=core["score"], modality=core["modality"], seen=self.seen,
-                         extras=dict(self.groups[group].extras))
+                         extras={**self.groups[group].extras, **self.shared})
 
     def plan_arguments(self, group: int = 0) -> dict[str, object]:
         """The buffers `hae::prefill_plan_` writes for one group, bound to its argument names."""
         core = self.groups[group].core
         return {**{name: self.seen if name == "seen" else core[name] for name in PLAN_WRITES},
-                "extras": list(self.groups[group].extras.values())}
+                "extras": [*self.groups[group].extras.values(), *self.shared.values()]}
 
     def reset(self) -> None:
         for group in self.groups:
             group.reset()
         self.seen.fill_(CORE_BUFFERS["seen"][1])
+        for tensor in self.shared.values():
+            tensor.zero_()
 
     def place_chunk(self, slots: torch.Tensor, modality: int) -> None:
         """Record each sequence's `n` new tokens (positions `seen` to `seen + n - 1`) in slots `slots` (`[B, n]`) of

@@ -47,6 +47,39 @@ def test_slot_attention_equals_masked_sdpa_with_grouped_heads():
     torch.testing.assert_close(slot_weight.sum(-1), torch.ones(2))
 
 
+def test_per_head_slots_mask_each_kv_head_by_its_own_positions():
+    """`slot_pos [B, Hkv, C]` (a policy with a head axis): each KV head's query heads attend over that head's valid
+    slots only, and the weights are per KV head (mean over its query heads)."""
+    k_cache, v_cache, _ = _cache()
+    slot_pos = torch.tensor([[[0, 1, 2, -1, 4, 5, -1, 7], [-1, 3, 2, 1, -1, -1, 0, 6]],
+                             [[3, -1, -1, 0, 1, 2, 6, 5], [0, 1, 2, 3, 4, 5, 6, -1]]])
+    q = torch.randn(2, 4, 3, 16)
+    out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)
+    mask = (slot_pos >= 0).repeat_interleave(2, dim=1)[:, :, None, :]  # query head h reads KV head h // 2
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache.repeat_interleave(2, dim=1), v_cache.repeat_interleave(2, dim=1), attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    probs = torch.softmax((q @ k_cache.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~mask, -1e30), -1)
+    torch.testing.assert_close(slot_weight, probs.unflatten(1, (2, 2)).mean(2).sum(2))
+    assert slot_weight.shape == slot_pos.shape and torch.all(slot_weight[slot_pos < 0] == 0)
+    torch.library.opcheck(torch.ops.hae.slot_attention.default, (q, k_cache, v_cache, slot_pos, 0.25))
+
+
+def test_per_head_writes_put_each_heads_token_in_its_slot():
+    k_cache, v_cache, _ = _cache()
+    k, v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    slot = torch.tensor([[[5, 0, 7], [1, 2, 6]], [[3, 4, 1], [7, 6, 5]]])  # [B, Hkv, T]
+    torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot)
+    for b, h, t in ((b, h, t) for b in range(2) for h in range(2) for t in range(3)):
+        assert torch.equal(k_cache[b, h, slot[b, h, t]], k[b, h, t])
+        assert torch.equal(v_cache[b, h, slot[b, h, t]], v[b, h, t])
+    keep = torch.tensor([[[2, 0, 1], [1, 2, 0]], [[0, 1, 2], [2, 1, 0]]])  # prompt index per head and slot
+    torch.ops.hae.prefill_write_(k_cache, v_cache, k, v, keep, torch.empty(0, 2))
+    for b, h, i in ((b, h, i) for b in range(2) for h in range(2) for i in range(2)):
+        assert torch.equal(k_cache[b, h, i], k[b, h, keep[b, h, i]])
+        assert torch.equal(v_cache[b, h, i], v[b, h, keep[b, h, i]])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "permuted"])
 def test_opcheck_slot_attention(layout):
     k_cache, v_cache, slot_pos = _cache()

@@ -3,13 +3,15 @@
 CI has no GPU, so the kernel runs in Triton's CPU interpreter (`TRITON_INTERPRET=1`, read when the kernels are
 defined, hence a child process), at small shapes that still cover every path: several slot splits and one, one query
 row and many (several row blocks), padded head dims, permuted queries, a row with no valid slot and the variant
-without weights, in fp32 and fp16, and int8 slots with per-slot scales (quantized caches). The interpreter computes
-bf16 dots wrongly (Triton 3.9), so bf16 is checked on the GPU only (`benchmarks/attention_kernel.py`). A second test
-checks what Inductor and AOTInductor receive on CUDA: the kernels, not an opaque op.
+without weights, in fp32 and fp16, per-head slot positions (`[B, Hkv, C]`), and int8 slots with per-slot scales
+(quantized caches). The interpreter computes bf16 dots wrongly (Triton 3.9), so bf16 is checked on the GPU only
+(`benchmarks/attention_kernel.py`). A second test checks what Inductor and AOTInductor receive on CUDA: the kernels,
+not an opaque op.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +38,8 @@ CASES = [
     (2, 4, 2, 1, 100, 16, "float16", "", {}),
     (1, 4, 2, 1, 100, 16, "float32", "int8", {}),  # int8 slots, 4 splits
     (2, 8, 2, 3, 50, 24, "float16", "int8", {"splits": 1}),
+    (2, 4, 2, 1, 100, 16, "float32", "per_head", {}),  # each KV head masks by its own slots (MadaKV), 4 splits
+    (2, 6, 2, 3, 50, 24, "float32", "per_head", {"splits": 1}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 
@@ -68,8 +72,9 @@ def _inputs(batch, q_heads, kv_heads, q_len, capacity, head_dim, dtype, variant,
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
     k = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator).to(dtype)
     v = torch.randn(batch, kv_heads, capacity, head_dim, generator=generator).to(dtype)
-    slot_pos = torch.randperm(batch * capacity, generator=generator).view(batch, capacity)
-    slot_pos[torch.rand(batch, capacity, generator=generator) < 0.3] = -1
+    heads = (kv_heads,) if variant == "per_head" else ()
+    slot_pos = torch.randperm(batch * math.prod(heads) * capacity, generator=generator).view(batch, *heads, capacity)
+    slot_pos[torch.rand(slot_pos.shape, generator=generator) < 0.3] = -1
     if variant == "no_valid_slot":
         slot_pos[0] = -1
     if variant == "int8":

@@ -57,11 +57,12 @@ def _check(policy, slots, seen, sinks, window, when):
     assert slots.seen.tolist() == seen, when
     binned = policy.binned(state)
     for row, held in enumerate(held_rows):
-        positions = [p for p in held if p >= 0]
-        assert len(positions) == len(set(positions)), f"{when}: a position held twice: {sorted(positions)}"
-        assert all(p < seen[row] for p in positions), f"{when}: a position not seen yet: {sorted(positions)}"
-        must = set(range(min(sinks, seen[row]))) | set(range(max(seen[row] - window, 0), seen[row]))
-        assert must <= set(positions), f"{when}: sinks/window {sorted(must - set(positions))} missing"
+        for head in held if policy.head_axis else [held]:  # each KV head's own slots, or the one shared set
+            positions = [p for p in head if p >= 0]
+            assert len(positions) == len(set(positions)), f"{when}: a position held twice: {sorted(positions)}"
+            assert all(p < seen[row] for p in positions), f"{when}: a position not seen yet: {sorted(positions)}"
+            must = set(range(min(sinks, seen[row]))) | set(range(max(seen[row] - window, 0), seen[row]))
+            assert must <= set(positions), f"{when}: sinks/window {sorted(must - set(positions))} missing"
         if policy.bin_size:
             # a decode step frees a full bin; a prefill may hand over a full one (a composed policy's prefill half
             # keeps `capacity` tokens, and the decode half bins those beyond its budget), which the first step frees
@@ -86,7 +87,7 @@ def _run(policy_name, scenario):
     generator = torch.Generator().manual_seed(scenario["seed"])
     batch = len(lengths)
     token_pos, modality = _prompt(lengths, width, scenario["images"])
-    slots = SlotBuffers(config, policy, batch, torch.device("cpu"))
+    slots = SlotBuffers(config, policy, batch, torch.device("cpu"), kv_heads=HEADS)
 
     visual_tokens = [end - start for start, end in scenario["images"]]
     kept_len = policy.prefill_kept_len(width, lengths, visual_tokens)

@@ -46,8 +46,8 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     grouped_q = q.reshape(batch, kv_heads, group * q_len, head_dim)
     keys = _as_query_dtype(k_cache, k_scale, q.dtype)
     logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).to(torch.float32) * scale
-    valid = (slot_pos >= 0).view(batch, 1, 1, capacity)
-    if q_len > 1:  # a chunk just written (hae_fx.turns): query i is at the newest position - (q_len - 1 - i)
+    valid = (slot_pos >= 0).view(batch, -1, 1, capacity)  # one index set ([B, C]) or one per KV head ([B, Hkv, C])
+    if q_len > 1:  # a chunk (hae_fx.turns, one index set): query i is at the newest position - (q_len - 1 - i)
         query_pos = slot_pos.amax(dim=-1, keepdim=True) - (q_len - 1) + torch.arange(q_len, device=q.device)
         causal = slot_pos.unsqueeze(1) <= query_pos.unsqueeze(2)  # [B, q_len, C]
         valid = valid & causal.repeat(1, group, 1).view(batch, 1, group * q_len, capacity)
@@ -55,7 +55,7 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.to(q.dtype), _as_query_dtype(v_cache, v_scale, q.dtype))
     out = out.reshape(batch, q_heads, q_len, head_dim)
-    slot_weight = probs.sum(dim=2).sum(dim=1) / q_heads
+    slot_weight = probs.sum(dim=2).sum(dim=1) / q_heads if slot_pos.dim() == 2 else probs.sum(dim=2) / group
     return out, slot_weight
 
 
@@ -92,10 +92,13 @@ def slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    scale: float, k_scale: torch.Tensor | None = None,
                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention of `q` (`[B, Hq, T, D]`) over the valid slots of `k_cache`, `v_cache` (`[B, Hkv, C, D]`;
-    8-bit with their scales `k_scale`, `v_scale` for a quantized cache).
+    8-bit with their scales `k_scale`, `v_scale` for a quantized cache). `slot_pos` is `[B, C]` (one index set for
+    every head) or `[B, Hkv, C]` (each KV head's own slots, `Policy.head_axis`).
 
     Grouped-query attention is handled here (`Hq` a multiple of `Hkv`), so callers pass the cache itself, not a
-    head-repeated copy. Returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] float32)`.
+    head-repeated copy. Returns `(out [B, Hq, T, D] contiguous, slot_weight float32)`: `slot_weight` is `[B, C]`
+    (mean over query heads), or `[B, Hkv, C]` for per-head `slot_pos` (mean over each KV head's query heads), summed
+    over queries.
     """
     return run_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight=True, k_scale=k_scale,
                               v_scale=v_scale)
@@ -106,7 +109,7 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_pos: t
       scale: float, k_scale: torch.Tensor | None = None,
       v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     out = q.new_empty(q.shape)  # contiguous, like the reference
-    slot_weight = q.new_empty((q.shape[0], k_cache.shape[2]), dtype=torch.float32)
+    slot_weight = q.new_empty(slot_pos.shape, dtype=torch.float32)
     return out, slot_weight
 
 

@@ -8,17 +8,18 @@ attention reads every K/V byte once and does little arithmetic per byte, so one 
 Three launches, the last two only when needed:
 
 1. `_split_kernel`, grid `(B * Hkv, row blocks, splits)`. A program takes the query rows of one KV head (all
-   `Hq / Hkv` heads that share it, times `T` query tokens: GQA reads each K/V tile once) and one contiguous
-   range of slots, and runs an online softmax over it in fp32, with the validity mask (`slot_pos >= 0`)
-   applied inside. Both products are tensor-core dots, the rows padded to at least 16. With one split it
-   writes the normalised output directly; with several (long caches, few heads) it writes partial (max, sum,
-   accumulator) triples. When the per-slot weights are wanted it also writes the masked logits (fp32, log2
-   domain): `[B, Hq * T, C]`, written and read back once, adds 2-11% to the K/V bytes at the shapes of interest
-   (32/32, 28/4, 8/1 heads), against 50% for a second read of K.
+   `Hq / Hkv` heads that share it, times `T` query tokens: GQA reads each K/V tile once) and one contiguous range
+   of slots, and runs an online softmax over it in fp32, with the validity mask (`slot_pos >= 0`, the KV head's own row
+   when `slot_pos` is per head, `[B, Hkv, C]`) applied inside. Both products are tensor-core dots, the rows padded
+   to at least 16. With one split it writes the normalised output directly; with several (long caches, few heads) it
+   writes partial (max, sum, accumulator) triples. When the per-slot weights are wanted it also writes the masked
+   logits (fp32, log2 domain): `[B, Hq * T, C]`, written and read back once, adds 2-11% to the K/V bytes at the
+   shapes of interest (32/32, 28/4, 8/1 heads), against 50% for a second read of K.
 2. `_combine_kernel` (splits > 1 only) merges the partials of each query row.
 3. `_weight_kernel` (weights only), grid `(B, slot blocks)`: `slot_weight[b, c] = sum over rows of
    exp2(logit - row max) / row sum, / Hq`, the reference's definition (mean over query heads, summed over
-   query tokens).
+   query tokens); with per-head `slot_pos`, grid `(B * Hkv, slot blocks)` and `slot_weight[b, h, c]` sums the rows
+   of KV head `h`'s query heads, `/ (Hq / Hkv)`.
 
 Masking matches the reference exactly: a free slot's logit is `finfo(float32).min`, not `-inf`, so a row with
 no valid slot gets the reference's uniform weights instead of NaN; slots past the capacity in the last tile
@@ -67,7 +68,7 @@ LOG2E = 1.4426950408889634
 def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_ptr, logit_ptr, row_ml_ptr,
                   ks_ptr, vs_ptr,
                   stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kc, stride_kd,
-                  stride_vb, stride_vh, stride_vc, stride_vd, stride_pb, stride_pc,
+                  stride_vb, stride_vh, stride_vc, stride_vd, stride_pb, stride_ph, stride_pc,
                   stride_ksb, stride_ksh, stride_ksc, stride_vsb, stride_vsh, stride_vsc,
                   scale_log2, kv_heads, capacity, logit_stride, q_len, rows, slots_per_split,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -110,7 +111,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_acc_ptr, part_ml_p
         if SCALED:
             k_scale = tl.load(ks_ptr + b * stride_ksb + kv_head * stride_ksh + c * stride_ksc, mask=c_ok, other=0.0)
             s = s * k_scale[None, :]
-        pos = tl.load(pos_ptr + b * stride_pb + c * stride_pc, mask=c_ok, other=-1)
+        pos = tl.load(pos_ptr + b * stride_pb + kv_head * stride_ph + c * stride_pc, mask=c_ok, other=-1)
         s = tl.where((pos >= 0)[None, :], s, FREE_SLOT_LOGIT)
         s = tl.where(c_ok[None, :], s, float("-inf"))
         if NEED_WEIGHT:
@@ -171,7 +172,7 @@ def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, row_ml_ptr, D: tl.conste
 @triton.jit
 def _weight_kernel(logit_ptr, row_ml_ptr, weight_ptr, capacity, logit_stride, rows, inv_q_heads,
                    BLOCK_W: tl.constexpr, BLOCK_RW: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0)  # a sequence, or a (sequence, KV head) for per-head weights: `rows` consecutive rows each
     c = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c_ok = c < capacity
     total = tl.zeros([BLOCK_W], tl.float32)
@@ -211,9 +212,9 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           v_scale: torch.Tensor | None = None, *, splits: int | None = None,
                           block_c: int = BLOCK_C, num_warps: int = 4,
                           num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernels; returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] fp32, or [B, 0] without
-    weights)`. `k_scale`, `v_scale` (`[B, Hkv, C, 1]` fp32) go with int8 slots. Keyword-only arguments override
-    the launch heuristics (tests and the kernel benchmark use them)."""
+    """Run the kernels; returns `(out [B, Hq, T, D] contiguous, slot_weight [B, C] fp32 (`[B, Hkv, C]` for per-head
+    `slot_pos`), or [B, 0] without weights)`. `k_scale`, `v_scale` (`[B, Hkv, C, 1]` fp32) go with int8 slots.
+    Keyword-only arguments override the launch heuristics (tests and the kernel benchmark use them)."""
     scaled = k_scale is not None
     if scaled != (v_scale is not None):
         raise ValueError("slot attention takes key and value scales together")
@@ -244,9 +245,11 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     k_scales = k_scale if scaled else part_ml
     v_scales = v_scale if scaled else part_ml
     scale_strides = (*k_scale.stride()[:3], *v_scale.stride()[:3]) if scaled else (0,) * 6
+    per_head = slot_pos.dim() == 3
+    pos_strides = slot_pos.stride() if per_head else (slot_pos.stride(0), 0, slot_pos.stride(1))
     wrap_triton(_split_kernel)[(batch * kv_heads, row_blocks, splits)](
         q, k_cache, v_cache, slot_pos, out, part_acc, part_ml, logits, row_ml, k_scales, v_scales,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *slot_pos.stride(), *scale_strides,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *pos_strides, *scale_strides,
         scale * LOG2E, kv_heads, capacity, logit_stride, q_len, rows, slots_per_split,
         D=head_dim, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_C=block_c, SPLITS=splits, NEED_WEIGHT=need_weight,
         IEEE_DOT=q.dtype == torch.float32, SCALED=scaled, num_warps=num_warps, num_stages=num_stages)
@@ -256,10 +259,11 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             BLOCK_S=triton.next_power_of_2(splits), NEED_WEIGHT=need_weight, num_warps=4)
     if not need_weight:
         return out, q.new_empty((batch, 0), dtype=torch.float32)
-    slot_weight = torch.empty((batch, capacity), dtype=torch.float32, device=q.device)
-    wrap_triton(_weight_kernel)[(batch, triton.cdiv(capacity, 128))](
-        logits, row_ml, slot_weight, capacity, logit_stride, q_heads * q_len, 1.0 / q_heads,
-        BLOCK_W=128, BLOCK_RW=32, num_warps=4)
+    weight_heads = kv_heads if per_head else 1
+    slot_weight = torch.empty(tuple(slot_pos.shape), dtype=torch.float32, device=q.device)
+    wrap_triton(_weight_kernel)[(batch * weight_heads, triton.cdiv(capacity, 128))](
+        logits, row_ml, slot_weight, capacity, logit_stride, q_heads * q_len // weight_heads,
+        weight_heads / q_heads, BLOCK_W=128, BLOCK_RW=32, num_warps=4)
     return out, slot_weight
 
 
@@ -268,5 +272,6 @@ def slot_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          scale: float, need_weight: bool, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`hae::slot_attention` (and, with `need_weight=False`, `hae::slot_attention_no_weight`) in one streaming
-    pass over the slots. The second output is `[B, C]` fp32 with weights, `[B, 0]` without."""
+    pass over the slots. The second output is `[B, C]` fp32 (`[B, Hkv, C]` for per-head `slot_pos`) with weights,
+    `[B, 0]` without."""
     return launch_slot_attention(q, k_cache, v_cache, slot_pos, scale, need_weight, k_scale, v_scale)

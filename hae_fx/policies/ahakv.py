@@ -33,15 +33,14 @@ from hae_fx.config import PolicyConfig, require_int, require_room_beyond_protect
 from hae_fx.errors import HAEConfigError
 from hae_fx.policies import register_policy
 from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
-    Policy,
     Prompt,
+    ScoredPolicy,
     SlotState,
     evictable_slots,
+    last_query_row,
     layers_mean,
     lowest,
-    prefill_protected,
+    protected_priority,
 )
 
 
@@ -65,15 +64,12 @@ class AhaKVConfig(PolicyConfig):
 
 
 @register_policy
-class AhaKVPolicy(Policy):
+class AhaKVPolicy(ScoredPolicy):
     config_class = AhaKVConfig
     decode_needs_own_prefill = True  # the row history and value prior its prefill writes
 
     def extra_buffers(self) -> dict[str, torch.dtype | tuple[torch.dtype, tuple[int, ...]]]:
         return {"history": (torch.float32, (self.config.window,)), "prior": torch.float32}
-
-    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return tuple(global_layers)
 
     def prefill_score_scale(self, prompt: Prompt, head_dim: int) -> torch.Tensor:
         keys = (prompt.token_pos + 1).clamp_min(1).to(torch.float32)  # a causal row attends over its position + 1
@@ -91,12 +87,10 @@ class AhaKVPolicy(Policy):
         columns = torch.arange(window, device=token_pos.device)
         row_to_column = (older.unsqueeze(-1) & (token_pos.remainder(window).unsqueeze(-1) == columns)).float()
         history = torch.einsum("bqk,bqc->bkc", attention, row_to_column)
-        last_row = token_pos.argmax(dim=-1).view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
-        score = attention.gather(1, last_row).squeeze(1)
+        score = last_query_row(prompt, attention)
         prior = pooled_prior(value_norms(prompt.values, valid), self.config.prior_kernel)
         ranked = prior * (history.sum(dim=-1) + score)
-        priority = torch.where(prefill_protected(self.config, prompt), MUST_KEEP, ranked)
-        return torch.where(valid, priority, NEVER_KEEP), score, {"history": history, "prior": prior}
+        return protected_priority(self.config, prompt, ranked), score, {"history": history, "prior": prior}
 
     def decode_slot(self, state: SlotState) -> torch.Tensor:
         history = state.extras["history"]

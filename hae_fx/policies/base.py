@@ -31,14 +31,16 @@ NEVER_KEEP = float("-inf")
 
 @dataclass(frozen=True)
 class SlotState:
-    """The slot metadata of an `HAECache` (all `[B, C]` but `seen`), shared by every layer.
+    """The slot metadata of an `HAECache` (all `[B, C]` but `seen`, or `[B, Hkv, C]` for a policy with
+    `Policy.head_axis`), shared by every layer of a slot group.
 
     Attributes:
         slot_pos: logical position held by each slot, -1 when free.
         score: per-slot attention, as the rewritten attention adds it each step (`Policy.score_weights`).
         modality: `TEXT` (0) or `VISUAL` (1).
         seen: `[B]` tokens each sequence has seen: the position of its next token.
-        extras: the policy's own per-slot buffers (`Policy.extra_buffers`), by name.
+        extras: the policy's own per-slot buffers (`Policy.extra_buffers`) and per-sequence ones
+            (`Policy.cache_buffers`), by name.
     """
 
     slot_pos: torch.Tensor
@@ -57,6 +59,13 @@ class Prompt:
     modality: torch.Tensor
     #: per layer of `Policy.prefill_layers`, its prompt values `[B, Hkv, T, D]` (for priors on value norms)
     values: tuple[torch.Tensor, ...] = ()
+    #: the slot group being planned and the cache's number of groups: with per-layer capacities
+    #: (`Policy.layer_capacities`), the index of the global layer planned among how many (groups plan in that order)
+    group: int = 0
+    groups: int = 1
+    #: the policy's per-sequence cache buffers (`Policy.cache_buffers`), by name, which its prefill may update in
+    #: place for the next group's plan
+    cache_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -68,11 +77,20 @@ class Prompt:
         return (self.token_pos.amax(dim=-1, keepdim=True) + 1).clamp_min(0)
 
 
-def fill_prefix(buffer: torch.Tensor, prefix: torch.Tensor, rest: float) -> None:
-    """In place: `buffer[:, :K] = prefix` (`[B, K]`) and `rest` in the other slots: slot metadata after a prefill,
-    whose kept tokens occupy the first slots."""
+def fill_prefix(buffer: torch.Tensor, prefix: torch.Tensor, rest: float, dim: int = 1) -> None:
+    """In place: `buffer[:, :K] = prefix` (`[B, K]`; along `dim`, e.g. 2 for per-head `[B, Hkv, C]` slots) and
+    `rest` in the other slots: slot metadata after a prefill, whose kept tokens occupy the first slots."""
     buffer.fill_(rest)
-    buffer[:, : prefix.shape[1]].copy_(prefix)
+    buffer[(slice(None),) * dim + (slice(0, prefix.shape[dim]),)].copy_(prefix)
+
+
+def slot_index(slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`index_put_` indices of each sequence's chosen slot in `[B, C]` metadata (`slot`: `[B]`), or of each KV
+    head's in `[B, Hkv, C]` metadata (`slot`: `[B, Hkv]`)."""
+    rows = torch.arange(slot.shape[0], device=slot.device)
+    if slot.dim() == 1:
+        return rows, slot
+    return rows.view(-1, 1), torch.arange(slot.shape[1], device=slot.device).view(1, -1), slot
 
 
 def first_free_slot(slot_pos: torch.Tensor) -> torch.Tensor:
@@ -81,8 +99,9 @@ def first_free_slot(slot_pos: torch.Tensor) -> torch.Tensor:
 
 
 def protected_slots(config: PolicyConfig, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """`[B, C]`: slots holding a sink (`pos < sinks`) or one of the `window` most recent positions."""
-    return (slot_pos < config.sinks) | (slot_pos >= seen.unsqueeze(-1) - config.window)
+    """`[B, C]` (or `[B, Hkv, C]`, as `slot_pos`): slots holding a sink (`pos < sinks`) or one of the `window` most
+    recent positions."""
+    return (slot_pos < config.sinks) | (slot_pos >= seen.view(-1, *[1] * (slot_pos.dim() - 1)) - config.window)
 
 
 def evictable_slots(config: PolicyConfig, state: SlotState) -> torch.Tensor:
@@ -99,6 +118,20 @@ def layers_mean(attention: Sequence[torch.Tensor]) -> torch.Tensor:
 def prefill_protected(config: PolicyConfig, prompt: Prompt) -> torch.Tensor:
     """`[B, T]`: real prompt tokens that are sinks or among the `window` most recent (as decode protects them)."""
     return prompt.valid & protected_slots(config, prompt.token_pos, prompt.seen.squeeze(-1))
+
+
+def last_query_row(prompt: Prompt, attention: torch.Tensor) -> torch.Tensor:
+    """`[B, T]`: the attention row (`attention`: `[B, T, T]`) of each sequence's last real prompt token (with left
+    padding, the last index)."""
+    rows = prompt.token_pos.argmax(dim=-1).view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
+    return attention.gather(1, rows).squeeze(1)
+
+
+def protected_priority(config: PolicyConfig, prompt: Prompt, ranked: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` prefill priority: `ranked` (a policy's own ranking of the prompt tokens) for the tokens it chooses
+    among, `MUST_KEEP` for sinks and the recent window, `NEVER_KEEP` for padding."""
+    priority = torch.where(prefill_protected(config, prompt), MUST_KEEP, ranked)
+    return torch.where(prompt.valid, priority, NEVER_KEEP)
 
 
 def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) -> torch.Tensor:
@@ -128,6 +161,9 @@ class Policy:
     #: whether each layer's prefill write merges the keys and values of the prompt tokens the plan drops into the
     #: most similar kept ones (`hae::prefill_merge_write_`) instead of discarding them
     merges_evicted: ClassVar[bool] = False
+    #: whether each KV head keeps an index set of its own (MadaKV): slot metadata is `[B, Hkv, C]` (`step_slot`
+    #: `[B, Hkv]`), the prefill hooks see attention per KV head and rank per head, decode chooses a slot per head
+    head_axis: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
@@ -151,6 +187,12 @@ class Policy:
         `[B, C, *trailing]` one (a per-slot history). The core allocates them (zeroed), resets them, zeroes a slot's
         entries when a new token takes it, and hands them to the hooks in `SlotState.extras`.
         """
+        return {}
+
+    def cache_buffers(self) -> dict[str, torch.dtype]:
+        """The policy's own per-sequence `[B]` buffers, by name, one per cache whatever its slot groups: how the
+        prefill plans of per-layer groups, which run in layer order, hand a running quantity from layer to layer
+        (MadaKV's budget compensation). Allocated zeroed, reset with the cache, in `SlotState.extras`."""
         return {}
 
     @property
@@ -198,10 +240,12 @@ class Policy:
         Args:
             prompt: the prompt's positions and modality.
             attention: per layer of `prefill_layers`, `[B, T, T]` softmax attention (query, key) averaged over query
-                heads, causal over each sequence's real tokens, in float32.
+                heads (`[B, Hkv, T, T]`, averaged over each KV head's query heads, with `head_axis`), causal over
+                each sequence's real tokens, in float32.
 
         Returns:
-            `(priority, score)`, both `[B, T]` floating point (`score` float32): the `prefill_kept_len` highest
+            `(priority, score)`, both `[B, T]` (`[B, Hkv, T]` with `head_axis`) floating point (`score`
+            float32): the `prefill_kept_len` highest
             priorities are kept (padding
             must get `NEVER_KEEP`, tokens that must go too); `score` is what each kept token starts with. A third
             item, optional, maps names of `extra_buffers` to per-token initial values `[B, T, *trailing]`: the core
@@ -220,7 +264,8 @@ class Policy:
         return {layer: 1.0 / len(layers) for layer in layers}
 
     def decode_slot(self, state: SlotState) -> torch.Tensor:
-        """`[B]` int64 slot each sequence's new token takes: the first free one, else `decode_victim`'s.
+        """`[B]` int64 slot each sequence's new token takes (`[B, Hkv]`, one per KV head, with `head_axis`): the
+        first free one, else `decode_victim`'s.
 
         Policies with bookkeeping between steps override this and may update `state` in place first.
         """
@@ -235,3 +280,14 @@ class Policy:
         """Called once per decode step, after the last global layer wrote the new token to slot `slot` (`[B]`),
         with every global layer's new values (`[B, Hkv, 1, D]` each): for per-slot state derived from them. Cache
         buffers are read by hae ops only, so this is where a policy sees values at decode."""
+
+
+class ScoredPolicy(Policy):
+    """A policy that ranks prompt tokens from every global layer's prefill attention and, with a full cache, evicts
+    the unprotected slot with the lowest score (H2O, SnapKV, TOVA and the policies built on their scores)."""
+
+    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
+        return tuple(global_layers)
+
+    def decode_victim(self, state: SlotState) -> torch.Tensor:
+        return lowest(evictable_slots(self.config, state), state.score, state.slot_pos)

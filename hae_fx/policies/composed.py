@@ -62,6 +62,12 @@ class ComposedConfig(PolicyConfig):
                     f"ComposedConfig.{half} has capacity {value.capacity} but the composed config {self.capacity}; "
                     "both halves fill the same slots: give them the same capacity"
                 )
+        for half in ("prefill", "decode"):
+            if policy_for(getattr(self, half)).head_axis:
+                raise HAEConfigError(
+                    f"ComposedConfig.{half}={getattr(self, half).policy!r} keeps an index set per KV head, which the "
+                    "other half's one set for all heads cannot share; use it whole"
+                )
         if policy_for(self.decode).decode_needs_own_prefill:
             raise HAEConfigError(
                 f"ComposedConfig.decode={self.decode.policy!r} decodes from state its own prefill computes; use it "

@@ -24,7 +24,7 @@ from hae_fx.config import PolicyConfig, require_bool, require_int
 from hae_fx.errors import HAEConfigError
 from hae_fx.modality import VISUAL
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, evictable_slots, lowest
+from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Prompt, ScoredPolicy, last_query_row
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class FastVConfig(PolicyConfig):
 
 
 @register_policy
-class FastVPolicy(Policy):
+class FastVPolicy(ScoredPolicy):
     config_class = FastVConfig
 
     def check_model(self, num_layers: int) -> None:
@@ -65,15 +65,8 @@ class FastVPolicy(Policy):
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         token_pos, valid = prompt.token_pos, prompt.valid
-        last = token_pos.argmax(dim=-1)  # the last real token's row (left padding: the last index)
-        rows = last.view(-1, 1, 1).expand(-1, 1, attention[0].shape[-1])
-        score = attention[0].gather(1, rows).squeeze(1)
+        score = last_query_row(prompt, attention[0])
         protected = valid & ((token_pos < self.config.sinks) | (token_pos >= prompt.seen - max(self.config.window, 1)))
         ranked = torch.where(prompt.modality == VISUAL, score, score + 2.0)  # text above every image token
         priority = torch.where(protected, MUST_KEEP, ranked)
         return torch.where(valid, priority, NEVER_KEEP), score
-
-    def decode_victim(self, state: SlotState) -> torch.Tensor:
-        slot_pos = state.slot_pos
-        candidates = evictable_slots(self.config, state)
-        return lowest(candidates, state.score, slot_pos)

@@ -18,17 +18,7 @@ import torch
 
 from hae_fx.config import PolicyConfig
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
-    Policy,
-    Prompt,
-    SlotState,
-    evictable_slots,
-    layers_mean,
-    lowest,
-    prefill_protected,
-)
+from hae_fx.policies.base import Prompt, ScoredPolicy, layers_mean, protected_priority
 
 
 @dataclass(frozen=True)
@@ -39,19 +29,15 @@ class H2OConfig(PolicyConfig):
 
 
 @register_policy
-class H2OPolicy(Policy):
+class H2OPolicy(ScoredPolicy):
     config_class = H2OConfig
-
-    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return tuple(global_layers)
 
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         score = layers_mean(attention).sum(dim=1)  # attention each key received from every prompt query
-        priority = torch.where(prefill_protected(self.config, prompt), MUST_KEEP, score)
-        return torch.where(prompt.valid, priority, NEVER_KEEP), score
+        return protected_priority(self.config, prompt, self.prefill_rank(prompt, score)), score
 
-    def decode_victim(self, state: SlotState) -> torch.Tensor:
-        slot_pos = state.slot_pos
-        candidates = evictable_slots(self.config, state)
-        return lowest(candidates, state.score, slot_pos)
+    def prefill_rank(self, prompt: Prompt, score: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` how the unprotected prompt tokens rank, from their accumulated attention `score` (H2O: the score
+        itself; subclasses add priors)."""
+        return score

@@ -17,7 +17,6 @@ One index set serves every head and layer (scores averaged over them), as every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +24,8 @@ import torch
 from hae_fx.config import PolicyConfig
 from hae_fx.modality import VISUAL
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
-    Policy,
-    Prompt,
-    SlotState,
-    evictable_slots,
-    layers_mean,
-    lowest,
-    prefill_protected,
-)
+from hae_fx.policies.base import Prompt, SlotState, evictable_slots, lowest
+from hae_fx.policies.h2o import H2OPolicy
 
 
 @dataclass(frozen=True)
@@ -46,20 +36,15 @@ class LookMConfig(PolicyConfig):
 
 
 @register_policy
-class LookMPolicy(Policy):
+class LookMPolicy(H2OPolicy):
+    """H2O's scores with LOOK-M's text prior, merging what the prefill drops."""
+
     config_class = LookMConfig
     merges_evicted = True
 
-    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return tuple(global_layers)
-
-    def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        score = layers_mean(attention).sum(dim=1)  # attention each key received from every prompt query
+    def prefill_rank(self, prompt: Prompt, score: torch.Tensor) -> torch.Tensor:
         # text above every image token, each ranked by score: images map into [-1, 0), below any text score
-        ranked = torch.where(prompt.modality == VISUAL, -1 / (1 + score), score)
-        priority = torch.where(prefill_protected(self.config, prompt), MUST_KEEP, ranked)
-        return torch.where(prompt.valid, priority, NEVER_KEEP), score
+        return torch.where(prompt.modality == VISUAL, -1 / (1 + score), score)
 
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         candidates = evictable_slots(self.config, state)

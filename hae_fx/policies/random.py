@@ -24,14 +24,12 @@ import torch
 from hae_fx.config import PolicyConfig, require_int
 from hae_fx.policies import register_policy
 from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
     Policy,
     Prompt,
     SlotState,
     evictable_slots,
     lowest,
-    protected_slots,
+    protected_priority,
 )
 
 _MODULUS = 2**31 - 1
@@ -66,9 +64,8 @@ class RandomPolicy(Policy):
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         token_pos = prompt.token_pos
-        protected = protected_slots(self.config, token_pos, prompt.seen.squeeze(-1))
         key = draw(token_pos, torch.zeros_like(token_pos), self.config.seed).to(torch.float64)
-        priority = torch.where(prompt.valid, torch.where(protected, MUST_KEEP, key), NEVER_KEEP)
+        priority = protected_priority(self.config, prompt, key)
         return priority, torch.zeros_like(priority, dtype=torch.float32)
 
     def decode_victim(self, state: SlotState) -> torch.Tensor:

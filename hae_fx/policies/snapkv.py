@@ -24,17 +24,7 @@ import torch
 from hae_fx.config import PolicyConfig, require_choice, require_int, require_room_beyond_protected
 from hae_fx.errors import HAEConfigError
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
-    Policy,
-    Prompt,
-    SlotState,
-    evictable_slots,
-    layers_mean,
-    lowest,
-    prefill_protected,
-)
+from hae_fx.policies.base import Prompt, ScoredPolicy, layers_mean, protected_priority
 
 POOLINGS = ("avg", "max")
 
@@ -61,11 +51,8 @@ class SnapKVConfig(PolicyConfig):
 
 
 @register_policy
-class SnapKVPolicy(Policy):
+class SnapKVPolicy(ScoredPolicy):
     config_class = SnapKVConfig
-
-    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return tuple(global_layers)
 
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +61,7 @@ class SnapKVPolicy(Policy):
         votes = (layers_mean(attention) * in_window.unsqueeze(-1)).sum(dim=1)  # [B, T] over the window's queries
         votes = torch.where(in_window, 0.0, votes)
         score = pool_votes(votes, self.config.kernel_size, self.config.pooling)
-        priority = torch.where(prefill_protected(self.config, prompt), MUST_KEEP, score)
-        return torch.where(valid, priority, NEVER_KEEP), score
-
-    def decode_victim(self, state: SlotState) -> torch.Tensor:
-        slot_pos = state.slot_pos
-        candidates = evictable_slots(self.config, state)
-        return lowest(candidates, state.score, slot_pos)
+        return protected_priority(self.config, prompt, score), score
 
 
 def pool_votes(votes: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:

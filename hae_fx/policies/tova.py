@@ -19,17 +19,7 @@ import torch
 
 from hae_fx.config import PolicyConfig
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import (
-    MUST_KEEP,
-    NEVER_KEEP,
-    Policy,
-    Prompt,
-    SlotState,
-    evictable_slots,
-    layers_mean,
-    lowest,
-    prefill_protected,
-)
+from hae_fx.policies.base import Prompt, ScoredPolicy, SlotState, last_query_row, layers_mean, protected_priority
 
 
 @dataclass(frozen=True)
@@ -41,27 +31,15 @@ class TOVAConfig(PolicyConfig):
 
 
 @register_policy
-class TOVAPolicy(Policy):
+class TOVAPolicy(ScoredPolicy):
     config_class = TOVAConfig
-
-    def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return tuple(global_layers)
 
     def prefill_priority(self, prompt: Prompt, attention: Sequence[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = layers_mean(attention)
-        last = prompt.token_pos.argmax(dim=-1)  # the last real token's row (left padding: the last index)
-        rows = last.view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
-        score = attention.gather(1, rows).squeeze(1)
-        priority = torch.where(prefill_protected(self.config, prompt), MUST_KEEP, score)
-        return torch.where(prompt.valid, priority, NEVER_KEEP), score
+        score = last_query_row(prompt, layers_mean(attention))
+        return protected_priority(self.config, prompt, score), score
 
     def decode_slot(self, state: SlotState) -> torch.Tensor:
         slot = super().decode_slot(state)
         state.score.zero_()  # this step's attention alone becomes every token's score
         return slot
-
-    def decode_victim(self, state: SlotState) -> torch.Tensor:
-        slot_pos = state.slot_pos
-        candidates = evictable_slots(self.config, state)
-        return lowest(candidates, state.score, slot_pos)
