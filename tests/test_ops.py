@@ -69,12 +69,12 @@ def test_per_head_writes_put_each_heads_token_in_its_slot():
     k_cache, v_cache, _ = _cache()
     k, v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
     slot = torch.tensor([[[5, 0, 7], [1, 2, 6]], [[3, 4, 1], [7, 6, 5]]])  # [B, Hkv, T]
-    torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot)
+    torch.ops.hae.slot_write_(k_cache, v_cache, k, v, slot, None, None)
     for b, h, t in ((b, h, t) for b in range(2) for h in range(2) for t in range(3)):
         assert torch.equal(k_cache[b, h, slot[b, h, t]], k[b, h, t])
         assert torch.equal(v_cache[b, h, slot[b, h, t]], v[b, h, t])
     keep = torch.tensor([[[2, 0, 1], [1, 2, 0]], [[0, 1, 2], [2, 1, 0]]])  # prompt index per head and slot
-    torch.ops.hae.prefill_write_(k_cache, v_cache, k, v, keep, torch.empty(0, 2))
+    torch.ops.hae.prefill_write_(k_cache, v_cache, k, v, keep, torch.empty(0, 2), None, None)
     for b, h, i in ((b, h, i) for b in range(2) for h in range(2) for i in range(2)):
         assert torch.equal(k_cache[b, h, i], k[b, h, keep[b, h, i]])
         assert torch.equal(v_cache[b, h, i], v[b, h, keep[b, h, i]])
