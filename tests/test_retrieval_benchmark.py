@@ -111,10 +111,10 @@ def test_followup_turns_on_the_full_cache_score_as_hf(retrieval) -> None:
     from hae_fx.models.gemma3_270m import load
 
     base, tokenizer = load()
-    taskset = retrieval.followup(tokenizer, 256, 2, seed=0)
-    _, _, expected = retrieval.run_taskset(base, tokenizer, taskset, batch_size=2)
+    taskset = retrieval.followup(tokenizer, 256, 1, seed=0)
+    _, _, expected = retrieval.run_taskset(base, tokenizer, taskset, batch_size=1)
     model = hae_fx.transform(copy.deepcopy(base), retrieval.config_for("full", taskset.sequence),
                              options={"hae.compiler": "eager"})
-    _, kv_bytes, turns = retrieval.run_taskset(model, tokenizer, taskset, batch_size=2)
+    _, kv_bytes, turns = retrieval.run_taskset(model, tokenizer, taskset, batch_size=1)
     assert expected == (1.0,) * retrieval.FOLLOWUP_TURNS
     assert turns == expected and kv_bytes is not None
