@@ -1,6 +1,6 @@
 """Long-context retrieval and streaming perplexity on real text, with the real Gemma 3 270M, for every policy.
 
-    python benchmarks/retrieval.py            # passkey and multi-key at 1k and 2k tokens, perplexity over 256
+    python benchmarks/retrieval.py            # passkey, multi-key, follow-ups at 1k and 2k tokens; perplexity over 256
     python benchmarks/retrieval.py --quick    # CI-sized: one 256-token passkey prompt, evicting policies at 50%
 
 RULER-style tasks, each sample generated deterministically from `--seed` over the King James Bible
