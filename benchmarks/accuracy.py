@@ -41,6 +41,7 @@ import copy
 import csv
 import dataclasses
 import importlib.util
+import json
 import platform
 import sys
 import time
@@ -453,6 +454,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="what runs the rewritten graphs: the ops' reference implementations (default: the "
                              "sweep transforms a model per variant, budget and group, and Inductor would spend most "
                              "of the time compiling), or Inductor")
+    parser.add_argument("--rows-out", type=Path, default=None,
+                        help="also write the rows (per-question scores) and the tuning table as JSON, for --merge")
+    parser.add_argument("--merge", type=lambda s: [Path(p) for p in s.split(",")], default=None,
+                        help="comma-separated --rows-out files of runs over the same questions (e.g. policies split "
+                             "over processes): report them together instead of running")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/accuracy[_quick]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args, rest = parser.parse_known_args(argv)
@@ -486,6 +492,15 @@ def main(argv: list[str] | None = None) -> list:
     if not chosen and not args.tune:
         raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
 
+    if args.merge:
+        rows, tuning = [], ""
+        for path in args.merge:
+            saved = json.loads(path.read_text())
+            rows += [Row(**fields) for fields in saved["rows"]]
+            tuning += saved["tuning"]
+        _write_report(rows, tuning, out, argv, f"merged from {', '.join(map(str, args.merge))}")
+        return rows
+
     base, tokenizer = load()
     groups = groups_of(tokenizer, held_out(questions, stream=HELD_OUT), conversations(chats, HELD_OUT))
     options = {"hae.compiler": args.compiler}
@@ -515,6 +530,16 @@ def main(argv: list[str] | None = None) -> list:
                        f"visual kept {row.visual_kept_prefill:.0%}/{row.visual_kept_end:.0%}  "
                        f"all kinds {100 * row.headline(list(row.scores)):.1f}  ({row.seconds:.0f} s)")
     progress.close()
+    if args.rows_out:
+        args.rows_out.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
+    _write_report(rows, tuning, out, argv,
+                  f"{questions} questions, {chats} conversations, compiler {args.compiler}, torch {torch.__version__}, "
+                  f"{platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+def _write_report(rows: Sequence[Row], tuning: str, out: Path, argv: list[str] | None, facts: str) -> None:
+    """The tables (printed and `accuracy.md`), `accuracy.csv` and `accuracy.png` of `rows`."""
     kinds = headline_kinds(rows)
     inert = [k for k in rows[0].scores if k not in kinds]
     report = (f"Headline kinds (eviction changes their score somewhere): {', '.join(kinds)}. Inert kinds (every "
@@ -524,17 +549,13 @@ def main(argv: list[str] | None = None) -> list:
               f"{differences_table(rows, kinds)}\n")
     print(report)
     command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
-    (out / "accuracy.md").write_text(
-        f"`{command}` ({questions} questions, {chats} conversations, compiler {args.compiler}, torch "
-        f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{time.perf_counter() - start:.0f} s)\n\n{tuning}{report}")
+    (out / "accuracy.md").write_text(f"`{command}` ({facts})\n\n{tuning}{report}")
     with (out / "accuracy.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].as_dict(kinds)))
         writer.writeheader()
         writer.writerows(r.as_dict(kinds) for r in rows)
     plot(rows, kinds, out / "accuracy.png")
     print(f"wrote {out / 'accuracy.csv'}, {out / 'accuracy.md'}, {out / 'accuracy.png'}")
-    return rows
 
 
 if __name__ == "__main__":

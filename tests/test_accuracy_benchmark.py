@@ -119,3 +119,28 @@ def test_paired_bootstrap_interval(accuracy_module) -> None:
     _, low, high = accuracy_module.paired_bootstrap(shuffled, _row(accuracy_module, "d", 0.5, {"locate": base}),
                                                     ["locate"])
     assert low < 0 < high
+
+
+def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    def saved(name, rows, tuning=""):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
+        return path
+
+    def row(name, budget, locate, turn2):
+        out = _row(accuracy_module, name, budget, {"locate": locate, "turn2": turn2, "count": [1, 1]})
+        out.kv_bytes, out.full_kv_bytes = budget, 1.0
+        return out
+
+    first = saved("a", [row("full", 1.0, [1, 1], [1, 1]), row("hae", 0.5, [1, 0], [1, 1])], "tuning table\n\n")
+    second = saved("b", [row("streaming", 0.5, [0, 0], [1, 0])])
+    rows = accuracy_module.main(["--merge", f"{first},{second}", "--out", str(tmp_path / "out")])
+    assert [r.variant for r in rows] == ["full", "hae", "streaming"]
+    report = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "tuning table" in report
+    assert "Inert kinds (every variant, every budget, the same per-question scores): count." in report
+    assert "| hae vs streaming | 50% | hae 75.0 | streaming 25.0 | +50.0 |" in report
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
