@@ -2,7 +2,8 @@
 
 The sweep itself is the measurement (docs/benchmarks.md); this checks its bookkeeping: every registered policy
 appears (policies with a `prune_hidden` field in both modes) at every budget, budgets become the KV fractions reported,
-the files are written, and at 100% every policy answers like the full cache.
+the files are written, conversations are scored per turn, at 100% every policy answers like the full cache, and the
+statistics (inert kinds, the paired bootstrap) mean what the report says.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +73,7 @@ def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
     by_key = {(r["policy"], float(r["budget"])): r for r in table}
     full = by_key[("full", 1.0)]
     assert float(full["overall"]) >= 0.95
+    assert all(float(full[turn]) >= 0.9 for turn in accuracy_module.TURN_KINDS), full  # follow-ups answered
     # a policy with per-layer budgets (PyramidKV) averages `capacity` over its layers: its smaller ones evict even at
     # full size
     layer_budgets = {v.name for v in accuracy_module.variants()
@@ -84,3 +87,60 @@ def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
             assert row["overall"] == full["overall"], name  # nothing that matters is evicted at full size
         else:
             assert float(row["visual_kept_prefill"]) < 1.0  # a smaller cache really drops image tokens
+
+
+def _row(module, name, budget, scores):
+    return module.Row(name, budget, scores={kind: list(map(float, values)) for kind, values in scores.items()})
+
+
+def test_inert_kinds_are_those_every_row_scores_alike(accuracy_module) -> None:
+    rows = [_row(accuracy_module, "full", 1.0, {"count": [1, 1, 0], "locate": [1, 1, 1]}),
+            _row(accuracy_module, "hae", 0.2, {"count": [1, 1, 0], "locate": [1, 0, 1]}),
+            _row(accuracy_module, "streaming", 0.2, {"count": [1, 1, 0], "locate": [0, 0, 1]})]
+    assert accuracy_module.inert_kinds(rows) == ["count"]
+    assert accuracy_module.headline_kinds(rows) == ["locate"]
+    # the same share correct on other questions is not inert: the scores differ question by question
+    rows[1].scores["count"] = [0.0, 1.0, 1.0]
+    assert accuracy_module.inert_kinds(rows) == []
+
+
+def test_paired_bootstrap_interval(accuracy_module) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, size=200)
+    better = np.where(rng.random(200) < 0.3, 1, base)  # right wherever base is, and on about 30% more
+    a = _row(accuracy_module, "a", 0.5, {"locate": better, "describe": base})
+    b = _row(accuracy_module, "b", 0.5, {"locate": base, "describe": base})
+    diff, low, high = accuracy_module.paired_bootstrap(a, b, ["locate", "describe"])
+    assert diff == pytest.approx((better.mean() - base.mean()) / 2)
+    assert 0 < low < diff < high  # a real difference: the interval excludes 0
+    assert accuracy_module.paired_bootstrap(b, b, ["locate"]) == (0.0, 0.0, 0.0)  # paired: no noise against itself
+    # unpaired noise: two rows with the same share correct on different questions straddle 0
+    shuffled = _row(accuracy_module, "c", 0.5, {"locate": rng.permutation(base)})
+    _, low, high = accuracy_module.paired_bootstrap(shuffled, _row(accuracy_module, "d", 0.5, {"locate": base}),
+                                                    ["locate"])
+    assert low < 0 < high
+
+
+def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    def saved(name, rows, tuning=""):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
+        return path
+
+    def row(name, budget, locate, turn2):
+        out = _row(accuracy_module, name, budget, {"locate": locate, "turn2": turn2, "count": [1, 1]})
+        out.kv_bytes, out.full_kv_bytes = budget, 1.0
+        return out
+
+    first = saved("a", [row("full", 1.0, [1, 1], [1, 1]), row("hae", 0.5, [1, 0], [1, 1])], "tuning table\n\n")
+    second = saved("b", [row("streaming", 0.5, [0, 0], [1, 0])])
+    rows = accuracy_module.main(["--merge", f"{first},{second}", "--out", str(tmp_path / "out")])
+    assert [r.variant for r in rows] == ["full", "hae", "streaming"]
+    report = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "tuning table" in report
+    assert "Inert kinds (every variant, every budget, the same per-question scores): count." in report
+    assert "| hae vs streaming | 50% | hae 75.0 | streaming 25.0 | +50.0 |" in report
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0

@@ -82,3 +82,39 @@ def test_quick_run_writes_its_table_and_full_cache_matches_hf(retrieval, tmp_pat
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "retrieval.md").read_text().count("| passkey@256 |") == len(available()) + 1
     assert (tmp_path / "retrieval.png").stat().st_size > 10_000
+
+
+def test_followup_samples_ask_different_facts_in_turn(retrieval, tokenizer) -> None:
+    taskset = retrieval.followup(tokenizer, 300, 3, seed=0)
+    for sample in taskset.samples:
+        text = tokenizer.decode(sample.prompt)
+        assert len(sample.prompt) == 300 and text.count("special magic numbers for") == retrieval.MULTIKEY_NEEDLES
+        asked = [(text.rsplit("special magic number for ", 1)[1].split()[0], sample.answer)]
+        asked += [(tokenizer.decode(ids).rsplit("for ", 1)[1].split()[0], key) for ids, key in sample.follow_ups]
+        assert len(asked) == retrieval.FOLLOWUP_TURNS and len({word for word, _ in asked}) == len(asked)
+        for word, key in asked:
+            assert f"for {word} is: {key}." in text
+    # one batch: every sample's turn has one length, and the full cache holds every turn
+    for turn in range(retrieval.FOLLOWUP_TURNS - 1):
+        assert len({len(s.follow_ups[turn][0]) for s in taskset.samples}) == 1
+    later = sum(len(ids) + retrieval.ANSWER_TOKENS for ids, _ in taskset.samples[0].follow_ups)
+    assert taskset.sequence == 300 + retrieval.ANSWER_TOKENS + later
+    assert retrieval.followup(tokenizer, 300, 3, seed=0) == taskset
+
+
+def test_followup_turns_on_the_full_cache_score_as_hf(retrieval) -> None:
+    """Three questions in turn on one cache: `full` (follow-ups through the decode step) scores every turn as HF's
+    own cache does, and HF answers them all (the task is kept)."""
+    import copy
+
+    import hae_fx
+    from hae_fx.models.gemma3_270m import load
+
+    base, tokenizer = load()
+    taskset = retrieval.followup(tokenizer, 256, 1, seed=0)
+    _, _, expected = retrieval.run_taskset(base, tokenizer, taskset, batch_size=1)
+    model = hae_fx.transform(copy.deepcopy(base), retrieval.config_for("full", taskset.sequence),
+                             options={"hae.compiler": "eager"})
+    _, kv_bytes, turns = retrieval.run_taskset(model, tokenizer, taskset, batch_size=1)
+    assert expected == (1.0,) * retrieval.FOLLOWUP_TURNS
+    assert turns == expected and kv_bytes is not None

@@ -24,7 +24,14 @@ from transformers import LlavaForConditionalGeneration
 import hae_fx
 from hae_fx.models.synthvlm import data, evaluate, train
 from hae_fx.models.synthvlm import model as synthvlm
-from hae_fx.models.synthvlm.scenes import DESCRIBE_QUESTION, QUESTION_KINDS, Scene, make_question
+from hae_fx.models.synthvlm.scenes import (
+    DESCRIBE_QUESTION,
+    QUESTION_KINDS,
+    Scene,
+    answer_from_scene,
+    cells_named,
+    make_question,
+)
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer
 
 Loaded = tuple[LlavaForConditionalGeneration, WordTokenizer]
@@ -251,3 +258,31 @@ def test_training_smoke_run_writes_loadable_checkpoint(tmp_path: Path) -> None:
     trained = model.state_dict()
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(trained[name], initial[name]) for name in initial), "the saved weights are trained"
+
+
+def test_conversations_ask_about_other_cells_with_correct_answers() -> None:
+    chats = data.conversations(12)
+    assert chats == data.conversations(12) and chats != data.conversations(12, data.TUNE)
+    for index, chat in enumerate(chats):
+        first, *follow_ups = chat.turns
+        assert first.kind == data.ONE_WORD_KINDS[index % len(data.ONE_WORD_KINDS)]
+        assert [t.kind for t in follow_ups] == list(data.FOLLOW_UP_KINDS)
+        cells = [cell for turn in chat.turns for cell in cells_named(turn.question)]
+        assert len(cells) == len(set(cells)) and all(cell in chat.scene.objects for cell in cells[-2:])
+        for turn in chat.turns:
+            assert turn.scene is chat.scene and answer_from_scene(chat.scene, turn.question) == turn.answer
+
+
+def test_training_batch_follow_ups_label_every_answer() -> None:
+    tokenizer = WordTokenizer()
+    first = ("how many red shapes ?", "two")
+    later = [("what shape is at row 1 column 1 ?", "circle"), ("is there a blue cross ?", "no")]
+    batch = data.training_batch(tokenizer, [first, first], [later, []])
+    expected = synthvlm.prompt_ids(tokenizer, first[0]) + tokenizer.encode("two", add_eos=True)
+    labels = [data.IGNORE_INDEX] * (len(expected) - 2) + expected[-2:]
+    for question, answer in later:
+        asked, said = tokenizer.encode(question), tokenizer.encode(answer, add_eos=True)
+        expected, labels = expected + asked + said, labels + [data.IGNORE_INDEX] * len(asked) + said
+    assert batch["input_ids"][0].tolist() == expected and batch["labels"][0].tolist() == labels
+    short = len(expected) - sum(len(tokenizer.encode(q)) + len(tokenizer.encode(a)) + 1 for q, a in later)
+    assert batch["attention_mask"][1].tolist() == [1] * short + [0] * (len(expected) - short)

@@ -1,8 +1,12 @@
 """Seeded question sets and the tensors SynthVLM trains and generates on.
 
-Scenes come from two disjoint seed streams: `TRAIN` for training, `HELD_OUT` for every accuracy number
-(training logs, tests, the accuracy benchmark). `held_out(count)` is a fixed, kind-balanced list, so "the first
-200 held-out questions" means the same questions everywhere.
+Scenes come from three disjoint seed streams: `TRAIN` for training, `HELD_OUT` for every accuracy number
+(training logs, tests, the accuracy benchmark's test split) and `TUNE` for choosing a policy's settings (the
+accuracy benchmark's tuning split), so no setting is chosen on the questions it is scored on. `held_out(count)` is
+a fixed, kind-balanced list, so "the first 200 held-out questions" means the same questions everywhere.
+
+A `Conversation` is one scene and several questions asked one after another, as a chat UI asks follow-ups: the
+first question of a one-word kind, then `colour_at` and `shape_at` questions about other cells.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ from hae_fx.models.synthvlm.scenes import (
     QUESTION_KINDS,
     WORDS_PER_DESCRIBED_OBJECT,
     Scene,
+    cells_named,
     make_question,
+    question_about,
     random_scene,
     render,
 )
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer
 
-TRAIN, HELD_OUT = 0, 1  # seed streams
+TRAIN, HELD_OUT, TUNE = 0, 1, 2  # seed streams
 SHORT_KINDS: tuple[str, ...] = tuple(k for k in QUESTION_KINDS if k != "describe")
+#: kinds whose answer is one word: a conversation's first question (so every row's answer takes two tokens)
+ONE_WORD_KINDS: tuple[str, ...] = ("colour_at", "shape_at", "count", "exists")
+#: the kinds of a conversation's follow-up questions, in order (one kind per turn: every row's turn has one length)
+FOLLOW_UP_KINDS: tuple[str, ...] = ("colour_at", "shape_at")
 IGNORE_INDEX = -100  # label of prompt and padding positions (HF's cross-entropy ignore index)
 
 
@@ -51,9 +61,43 @@ def example_for(stream: int, index: int, kind: str) -> Example:
     return Example(scene, kind, question, answer)
 
 
-def held_out(count: int, kinds: Sequence[str] = QUESTION_KINDS) -> list[Example]:
-    """The first `count` held-out questions, cycling through `kinds` (so each kind gets `count / len(kinds)`)."""
-    return [example_for(HELD_OUT, i, kinds[i % len(kinds)]) for i in range(count)]
+def held_out(count: int, kinds: Sequence[str] = QUESTION_KINDS, stream: int = HELD_OUT) -> list[Example]:
+    """The first `count` questions of `stream` (default the held-out one), cycling through `kinds` (so each kind
+    gets `count / len(kinds)`)."""
+    return [example_for(stream, i, kinds[i % len(kinds)]) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Questions about one scene, asked one after another on the same cache: `turns[0]` with the image, each later
+    one appended to the history after the previous answer."""
+
+    turns: tuple[Example, ...]
+
+    @property
+    def scene(self) -> Scene:
+        return self.turns[0].scene
+
+
+def conversation_for(stream: int, index: int) -> Conversation:
+    """Scene `index` of `stream`: a first question of a one-word kind (cycling through `ONE_WORD_KINDS`), then one
+    `FOLLOW_UP_KINDS` question per turn, each about an occupied cell no earlier turn named."""
+    first = example_for(stream, index, ONE_WORD_KINDS[index % len(ONE_WORD_KINDS)])
+    rng = np.random.default_rng([stream, index, 2])
+    named = set(cells_named(first.question))
+    others = [cell for cell in first.scene.cells() if cell not in named]
+    cells = rng.choice(len(others), size=len(FOLLOW_UP_KINDS), replace=False)
+    turns = [first]
+    for kind, cell in zip(FOLLOW_UP_KINDS, cells, strict=True):
+        question, answer = question_about(first.scene, others[int(cell)], kind)
+        turns.append(Example(first.scene, kind, question, answer))
+    return Conversation(tuple(turns))
+
+
+def conversations(count: int, stream: int = HELD_OUT) -> list[Conversation]:
+    """The first `count` conversations of `stream`. Their scenes are those of `held_out`'s questions of the same
+    indices (a question and a conversation about one scene ask different things, so they are scored apart)."""
+    return [conversation_for(stream, i) for i in range(count)]
 
 
 def images(examples: Sequence[Example]) -> np.ndarray:
@@ -80,14 +124,24 @@ def prompt_batch(tokenizer: WordTokenizer, examples: Sequence[Example], width: i
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values(pixels)}
 
 
-def training_batch(tokenizer: WordTokenizer, questions: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded `prompt + answer + <eos>` sequences; only answer and `<eos>` positions carry labels."""
+def training_batch(tokenizer: WordTokenizer, questions: Sequence[tuple[str, str]],
+                   follow_ups: Sequence[Sequence[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + answer + <eos>` sequences; only answer and `<eos>` positions carry labels.
+
+    `follow_ups[i]`, if given, are further `(question, answer)` turns of row `i`, each appended as `question + answer
+    + <eos>`: the layout a follow-up turn has at generation (the history, then the new question).
+    """
     rows, labels = [], []
-    for question, answer in questions:
+    for row, (question, answer) in enumerate(questions):
         prompt = prompt_ids(tokenizer, question)
         target = tokenizer.encode(answer, add_eos=True)
-        rows.append(prompt + target)
-        labels.append([IGNORE_INDEX] * len(prompt) + target)
+        ids, label = prompt + target, [IGNORE_INDEX] * len(prompt) + target
+        for follow_up, reply in follow_ups[row] if follow_ups is not None else ():
+            asked, target = tokenizer.encode(follow_up), tokenizer.encode(reply, add_eos=True)
+            ids += asked + target
+            label += [IGNORE_INDEX] * len(asked) + target
+        rows.append(ids)
+        labels.append(label)
     width = max(map(len, rows))
     pad = [width - len(r) for r in rows]
     return {

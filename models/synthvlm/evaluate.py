@@ -8,6 +8,10 @@ Scoring:
 
 Generation pads every batch to the same prompt width and batch size (repeating the last question, whose
 answer is then dropped), so a compiled model sees one prompt shape per question group and never recompiles.
+
+Conversations (`answer_conversations`) ask their turns one after another, as a chat UI does: each follow-up is
+`generate(input_ids=history + question, past_key_values=the cache the previous turn returned)`, the history being
+everything generated so far; every answer is scored by `score`, per turn.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hae_fx.models.synthvlm.data import Example, max_answer_tokens, prompt_batch
+from hae_fx.models.synthvlm.data import Conversation, Example, max_answer_tokens, prompt_batch
 from hae_fx.models.synthvlm.model import prompt_ids
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer, normalise
 
@@ -57,9 +61,64 @@ def generate_answers(model: torch.nn.Module, tokenizer: WordTokenizer, examples:
                              return_dict_in_generate=True)
         if on_batch is not None:
             on_batch(chunk, out)
-        for row in out.sequences[: len(chunk), width:].tolist():
-            answers.append(tokenizer.decode(row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row))
+        answers += [_until_eos(tokenizer, row) for row in out.sequences[: len(chunk), width:].tolist()]
     return answers
+
+
+#: tokens a conversation's every answer takes: one word and `<eos>` (a longer answer is wrong, and cut there)
+CONVERSATION_ANSWER_TOKENS = 2
+
+
+def conversation_width(tokenizer: WordTokenizer, conversations: Sequence[Conversation]) -> int:
+    """The prompt width of the conversations' first turns."""
+    return prompt_width(tokenizer, [c.turns[0] for c in conversations])
+
+
+@torch.no_grad()
+def answer_conversations(model: torch.nn.Module, tokenizer: WordTokenizer, conversations: Sequence[Conversation], *,
+                         batch_size: int = 32, width: int | None = None,
+                         on_batch: Callable[[Sequence[Conversation], object], None] | None = None) -> list[list[str]]:
+    """Greedy answers to every turn of every conversation (`[conversation][turn]`), each turn continuing on the
+    cache the previous one returned.
+
+    Every answer gets `CONVERSATION_ANSWER_TOKENS` new tokens, so every row's history has one length and the next
+    question is appended without padding inside the turn (which an evicting cache refuses). `on_batch` is called
+    with each batch's conversations and the last turn's `generate` output.
+    """
+    if not conversations:
+        return []
+    width = conversation_width(tokenizer, conversations) if width is None else width
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    settings = {"max_new_tokens": CONVERSATION_ANSWER_TOKENS, "min_new_tokens": 0, "do_sample": False,
+                "return_dict_in_generate": True}
+    answers: list[list[str]] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = list(conversations[start:start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        inputs = {k: v.to(device) for k, v in prompt_batch(tokenizer, [c.turns[0] for c in padded], width).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        out = model.generate(**inputs, **settings)
+        turns = [out.sequences[:, width:]]
+        mask = inputs["attention_mask"]
+        for turn in range(1, len(chunk[0].turns)):
+            asked = [tokenizer.encode(c.turns[turn].question) for c in padded]
+            if len(set(map(len, asked))) != 1:
+                raise ValueError(f"turn {turn}'s questions differ in length; a batch's follow-ups must have one")
+            history = torch.cat([out.sequences, torch.tensor(asked, device=device)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch_size, history.shape[1] - mask.shape[1])], dim=1)
+            out = model.generate(input_ids=history, attention_mask=mask, past_key_values=out.past_key_values,
+                                 **settings)
+            turns.append(out.sequences[:, history.shape[1]:])
+        if on_batch is not None:
+            on_batch(chunk, out)
+        for row in range(len(chunk)):
+            answers.append([_until_eos(tokenizer, tokens[row].tolist()) for tokens in turns])
+    return answers
+
+
+def _until_eos(tokenizer: WordTokenizer, row: list[int]) -> str:
+    return tokenizer.decode(row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row)
 
 
 def described_objects(text: str) -> set[tuple[tuple[int, int], str, str]]:
@@ -84,6 +143,13 @@ def accuracy_by_kind(examples: Sequence[Example], answers: Sequence[str]) -> dic
     result = {kind: sum(values) / len(values) for kind, values in scores.items()}
     result["overall"] = sum(result.values()) / len(result)
     return result
+
+
+def conversation_accuracy(conversations: Sequence[Conversation], answers: Sequence[Sequence[str]]) -> list[float]:
+    """Per turn, the share of conversations whose answer to that turn is right."""
+    turns = len(conversations[0].turns)
+    return [sum(score(c.turns[t], a[t]) for c, a in zip(conversations, answers, strict=True)) / len(conversations)
+            for t in range(turns)]
 
 
 def question_groups(examples: Sequence[Example]) -> dict[str, list[Example]]:

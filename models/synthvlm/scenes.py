@@ -232,12 +232,23 @@ def _pick_cell(scene: Scene, rng: np.random.Generator) -> Cell:
     return divmod(int(rng.integers(scene.grid_size**2)), scene.grid_size)
 
 
-def _q_attribute_at(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str]:
-    cell = _pick_cell(scene, rng)
+def question_about(scene: Scene, cell: Cell, kind: str) -> tuple[str, str]:
+    """The `colour_at` or `shape_at` question about `cell`, and its answer ("nothing" for an empty cell)."""
     obj = scene.objects.get(cell)
     if kind == "colour_at":
         return f"what colour is the shape at {_location(cell)} ?", obj[0] if obj else EMPTY_ANSWER
-    return f"what shape is at {_location(cell)} ?", obj[1] if obj else EMPTY_ANSWER
+    if kind == "shape_at":
+        return f"what shape is at {_location(cell)} ?", obj[1] if obj else EMPTY_ANSWER
+    raise ValueError(f"question_about asks colour_at or shape_at, not {kind!r}")
+
+
+def cells_named(question: str) -> list[Cell]:
+    """The cells a question or answer names ("row R column C"), 0-based, in order."""
+    return [_cell_from_text(r, c) for r, c in re.findall(r"row (\d+) column (\d+)", question)]
+
+
+def _q_attribute_at(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str]:
+    return question_about(scene, _pick_cell(scene, rng), kind)
 
 
 def _q_locate(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:

@@ -4,8 +4,10 @@ Runs on CPU or GPU (bf16 autocast on CUDA). Scenes are rendered once into an in-
 seed stream (in parallel); every step draws new questions about pool scenes, so the model rarely sees the
 same (scene, question) pair twice. Progress, loss and held-out accuracy are logged; the result is saved with
 `save_pretrained` (safetensors) plus the tokenizer and `training.json` (arguments, loss curve, evaluations).
-The shipped checkpoint was trained on one H100 in three runs, each continuing the last (`--init`);
-docs/benchmarks.md lists the commands.
+A share of the sequences (`--follow-up-share`) are conversations: after the first answer, one or more further
+short questions about the same scene, each appended to the history, so the model answers follow-ups on the cache
+of the earlier turns as a chat UI asks them. The shipped checkpoint was trained on one H100 in three runs and
+fine-tuned on an H200 in a fourth, each continuing the last (`--init`); docs/benchmarks.md lists the commands.
 """
 
 from __future__ import annotations
@@ -22,8 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hae_fx.models.synthvlm.data import IGNORE_INDEX, TRAIN, held_out, scene_for, training_batch
-from hae_fx.models.synthvlm.evaluate import evaluate
+from hae_fx.models.synthvlm.data import (
+    IGNORE_INDEX,
+    SHORT_KINDS,
+    TRAIN,
+    conversations,
+    held_out,
+    scene_for,
+    training_batch,
+)
+from hae_fx.models.synthvlm.evaluate import answer_conversations, conversation_accuracy, evaluate
 from hae_fx.models.synthvlm.model import CHECKPOINT_DIR, load, new_model, pixel_values, save
 from hae_fx.models.synthvlm.scenes import QUESTION_KINDS, make_question, render
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer
@@ -47,14 +57,18 @@ class QuestionStream(torch.utils.data.IterableDataset):
 
     Runs in DataLoader worker processes (question generation is Python-bound), each on its own seed stream.
     Yields the batch tensors plus `indices`, the pool rows whose images the batch shows, and `position_ids`
-    (every token keeps its position, also when patch dropout hides some visual tokens).
+    (every token keeps its position, also when patch dropout hides some visual tokens). A `follow_up_share` of the
+    rows get 1 to `max_follow_ups` further short questions (kinds drawn by the same weights) after the first answer.
     """
 
     def __init__(self, pool_size: int, batch_size: int, seed: int, kind_weights: Sequence[float],
-                 patch_dropout: float = 0.0) -> None:
+                 patch_dropout: float = 0.0, follow_up_share: float = 0.0, max_follow_ups: int = 2) -> None:
         self.pool_size, self.batch_size, self.seed = pool_size, batch_size, seed
         self.patch_dropout = patch_dropout
+        self.follow_up_share, self.max_follow_ups = follow_up_share, max_follow_ups
         self.kind_probabilities = np.asarray(kind_weights, dtype=float) / sum(kind_weights)
+        short = np.asarray([w for k, w in zip(QUESTION_KINDS, kind_weights, strict=True) if k in SHORT_KINDS])
+        self.short_probabilities = short / short.sum()
         self.tokenizer = WordTokenizer()
 
     def __iter__(self):
@@ -65,11 +79,19 @@ class QuestionStream(torch.utils.data.IterableDataset):
             kinds = rng.choice(len(QUESTION_KINDS), size=self.batch_size, p=self.kind_probabilities)
             questions = [make_question(scene_for(TRAIN, int(i)), QUESTION_KINDS[k], rng)
                          for i, k in zip(indices, kinds, strict=True)]
-            batch = training_batch(self.tokenizer, questions)
+            follow_ups = [self._follow_ups(scene_for(TRAIN, int(i)), rng) for i in indices]
+            batch = training_batch(self.tokenizer, questions, follow_ups)
             hide_visual_tokens(batch["attention_mask"], batch["input_ids"] == self.tokenizer.image_id,
                                self.patch_dropout, rng)
             positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
             yield {**batch, "position_ids": positions, "indices": torch.from_numpy(indices)}
+
+    def _follow_ups(self, scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+        if rng.random() >= self.follow_up_share:
+            return []
+        kinds = rng.choice(len(SHORT_KINDS), size=int(rng.integers(1, self.max_follow_ups + 1)),
+                           p=self.short_probabilities)
+        return [make_question(scene, SHORT_KINDS[k], rng) for k in kinds]
 
 
 def hide_visual_tokens(attention_mask: torch.Tensor, visual: torch.Tensor, max_fraction: float,
@@ -136,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"sampling weights of {','.join(QUESTION_KINDS)}, comma-separated")
     parser.add_argument("--patch-dropout", type=float, default=0.6,
                         help="most visual tokens hidden from a training sequence (hide_visual_tokens); 0 turns it off")
+    parser.add_argument("--follow-up-share", type=float, default=0.5,
+                        help="share of training sequences that are conversations (follow-up questions after the first)")
+    parser.add_argument("--max-follow-ups", type=int, default=2, help="most follow-up questions in a conversation")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-questions", type=int, default=300, help="held-out questions per periodic check")
     parser.add_argument("--final-eval-questions", type=int, default=1200)
@@ -161,11 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
     pool = torch.from_numpy(render_pool(args.pool, args.workers)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.98))
-    stream = QuestionStream(args.pool, args.batch_size, args.seed, args.kind_weights, args.patch_dropout)
+    stream = QuestionStream(args.pool, args.batch_size, args.seed, args.kind_weights, args.patch_dropout,
+                            args.follow_up_share, args.max_follow_ups)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                                prefetch_factor=4 if args.workers else None,
                                                persistent_workers=args.workers > 0))
-    eval_set = held_out(args.eval_questions)
+    eval_set = held_out(args.eval_questions), conversations(args.eval_questions)
     log: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "loss": [], "evals": []}
     start, losses = time.perf_counter(), []
     progress = tqdm(range(args.steps), desc="train", unit="step")
@@ -198,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
             break
     log["train_seconds"] = time.perf_counter() - start
     log["steps_done"] = len(losses)
-    final = _evaluate(model, tokenizer, held_out(args.final_eval_questions))
+    final = _evaluate(model, tokenizer,
+                      (held_out(args.final_eval_questions), conversations(args.final_eval_questions)))
     log["final_eval"] = {"questions": args.final_eval_questions, **final}
     print(f"final held-out accuracy ({args.final_eval_questions} questions): {_fmt(final)}")
     save(model, tokenizer, args.out)
@@ -206,10 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
     return log
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: WordTokenizer, examples) -> dict[str, float]:
+def _evaluate(model: torch.nn.Module, tokenizer: WordTokenizer, sets) -> dict[str, float]:
+    """Held-out accuracy per kind, and per turn of held-out conversations (`turn1`, `turn2`, ...)."""
+    examples, chats = sets
     model.eval()
     try:
-        return evaluate(model, tokenizer, examples, batch_size=min(100, len(examples)))
+        result = evaluate(model, tokenizer, examples, batch_size=min(100, len(examples)))
+        answers = answer_conversations(model, tokenizer, chats, batch_size=min(100, len(chats)))
+        result.update({f"turn{t + 1}": a for t, a in enumerate(conversation_accuracy(chats, answers))})
+        return result
     finally:
         model.train()
 
