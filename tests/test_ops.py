@@ -53,7 +53,7 @@ def test_per_head_slots_mask_each_kv_head_by_its_own_positions():
     k_cache, v_cache, _ = _cache()
     slot_pos = torch.tensor([[[0, 1, 2, -1, 4, 5, -1, 7], [-1, 3, 2, 1, -1, -1, 0, 6]],
                              [[3, -1, -1, 0, 1, 2, 6, 5], [0, 1, 2, 3, 4, 5, 6, -1]]])
-    q = torch.randn(2, 4, 3, 16)
+    q = torch.randn(2, 4, 1, 16)  # a decode step
     out, slot_weight = torch.ops.hae.slot_attention(q, k_cache, v_cache, slot_pos, 0.25)
     mask = (slot_pos >= 0).repeat_interleave(2, dim=1)[:, :, None, :]  # query head h reads KV head h // 2
     expected = torch.nn.functional.scaled_dot_product_attention(

@@ -46,11 +46,13 @@ def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     grouped_q = q.reshape(batch, kv_heads, group * q_len, head_dim)
     keys = _as_query_dtype(k_cache, k_scale, q.dtype)
     logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).to(torch.float32) * scale
-    valid = (slot_pos >= 0).view(batch, -1, 1, capacity)  # one index set ([B, C]) or one per KV head ([B, Hkv, C])
-    if q_len > 1:  # a chunk (hae_fx.turns, one index set): query i is at the newest position - (q_len - 1 - i)
-        query_pos = slot_pos.amax(dim=-1, keepdim=True) - (q_len - 1) + torch.arange(q_len, device=q.device)
-        causal = slot_pos.unsqueeze(1) <= query_pos.unsqueeze(2)  # [B, q_len, C]
-        valid = valid & causal.repeat(1, group, 1).view(batch, 1, group * q_len, capacity)
+    index_sets = slot_pos.view(batch, -1, capacity)  # one index set ([B, C]) or one per KV head ([B, Hkv, C])
+    valid = (index_sets >= 0).unsqueeze(2)  # [B, sets, 1, C]
+    if q_len > 1:  # a chunk just written (hae_fx.turns): query i is at the newest position - (q_len - 1 - i)
+        newest = index_sets.amax(dim=-1, keepdim=True)  # [B, sets, 1]
+        query_pos = newest - (q_len - 1) + torch.arange(q_len, device=q.device)  # [B, sets, q_len]
+        causal = index_sets.unsqueeze(2) <= query_pos.unsqueeze(3)  # [B, sets, q_len, C]
+        valid = valid & causal.repeat(1, 1, group, 1)  # grouped_q's rows are (query head, query) pairs
     logits = logits.masked_fill(~valid, torch.finfo(torch.float32).min)
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs.to(q.dtype), _as_query_dtype(v_cache, v_scale, q.dtype))
