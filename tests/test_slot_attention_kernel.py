@@ -32,14 +32,14 @@ CASES = [
     (4, 4, 2, 1, 40, 16, "float32", "", {}),  # one split
     (2, 4, 2, 1, 100, 16, "float32", "", {"splits": 7}),
     (1, 2, 2, 1, 70, 32, "float32", "", {}),  # one query row, padded to a 16-row tile
-    (1, 8, 1, 9, 40, 16, "float32", "", {}),  # 72 rows: two row blocks
-    (2, 6, 2, 3, 50, 24, "float32", "permuted", {}),  # head dim padded to 32
+    (1, 72, 1, 1, 40, 16, "float32", "", {}),  # 72 rows: two row blocks
+    (2, 18, 2, 1, 50, 24, "float32", "permuted", {}),  # head dim padded to 32
     (2, 4, 2, 1, 100, 16, "float32", "no_valid_slot", {}),
     (2, 4, 2, 1, 100, 16, "float16", "", {}),
     (1, 4, 2, 1, 100, 16, "float32", "int8", {}),  # int8 slots, 4 splits
-    (2, 8, 2, 3, 50, 24, "float16", "int8", {"splits": 1}),
+    (2, 24, 2, 1, 50, 24, "float16", "int8", {"splits": 1}),
     (2, 4, 2, 1, 100, 16, "float32", "per_head", {}),  # each KV head masks by its own slots (MadaKV), 4 splits
-    (2, 6, 2, 3, 50, 24, "float32", "per_head", {"splits": 1}),
+    (2, 18, 2, 1, 50, 24, "float32", "per_head", {"splits": 1}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 

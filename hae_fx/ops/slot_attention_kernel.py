@@ -219,6 +219,9 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if scaled != (v_scale is not None):
         raise ValueError("slot attention takes key and value scales together")
     batch, q_heads, q_len, head_dim = q.shape
+    if q_len != 1:
+        raise ValueError(f"the fused slot attention takes one query per head (a decode step), got {q_len}: several "
+                         "queries are a chunk, causal by slot position, which the reference implementation applies")
     kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     rows = (q_heads // kv_heads) * q_len
     block_r = min(MAX_BLOCK_R, max(MIN_BLOCK_R, triton.next_power_of_2(rows)))
