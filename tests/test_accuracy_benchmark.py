@@ -58,7 +58,7 @@ def test_config_rule_is_valid_at_every_budget(accuracy_module) -> None:
 def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
-        rows = accuracy_module.main(["--quick", "--questions", "24", "--out", str(tmp_path)])
+        rows = accuracy_module.main(["--quick", "--questions", "12", "--conversations", "4", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     for name in ("accuracy.csv", "accuracy.md", "accuracy.png"):
