@@ -234,15 +234,7 @@ def run_layer_rules(model, inputs: dict[str, torch.Tensor], rules: list[Rule], c
     kept = [[sorted(layer_scores)] for layer_scores in scores]
     logits, tokens = [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
     masks: list[torch.Tensor] = []
-
-    def layer_mask(index):
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = masks[index]
-            return args, kwargs
-        return hook
-
-    handles = [layer.register_forward_pre_hook(layer_mask(index), with_kwargs=True)
-               for index, layer in enumerate(layers)]
+    handles = per_layer_masks(layers, masks)
     try:
         for step in range(1, new_tokens):
             position = prompt_len + step - 1
@@ -307,3 +299,15 @@ def check_against_layer_rules(config, make_rule, capacities: list[int], *, seed:
                                    rtol=1e-4)
         runs.append(run)
     return runs
+
+
+def per_layer_masks(layers, masks: list[torch.Tensor]) -> list:
+    """Forward pre-hooks giving decoder layer `i` the attention mask `masks[i]` (filled per step by the caller), so
+    each layer attends only to the slots its oracle keeps; returns the hook handles to remove."""
+    def layer_mask(index):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = masks[index]
+            return args, kwargs
+        return hook
+
+    return [layer.register_forward_pre_hook(layer_mask(index), with_kwargs=True) for index, layer in enumerate(layers)]

@@ -15,7 +15,7 @@ from hae_fx import HAEConfigError
 from hae_fx.policies.composed import ComposedConfig
 from hae_fx.policies.madakv import MadaKVConfig
 from tests.conftest import llava_inputs
-from tests.policy_oracle import model_for
+from tests.policy_oracle import model_for, per_layer_masks
 
 CONFIG = MadaKVConfig(capacity=14, sinks=1, window=4, theta=0.9)
 SEED = 14
@@ -115,15 +115,7 @@ def run_oracle(model, config: MadaKVConfig, sequence: dict[str, torch.Tensor], n
     kept = oracle.prefill([a[0].float() for a in out.attentions], visual)
     history, logits, tokens = [snapshot(kept)], [out.logits[0, -1]], [int(out.logits[0, -1].argmax())]
     masks: list[torch.Tensor] = []
-
-    def layer_mask(index):
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = masks[index]
-            return args, kwargs
-        return hook
-
-    handles = [layer.register_forward_pre_hook(layer_mask(index), with_kwargs=True)
-               for index, layer in enumerate(layers)]
+    handles = per_layer_masks(layers, masks)
     try:
         for position in range(input_ids.shape[1], input_ids.shape[1] + new_tokens - 1):
             oracle.step(kept, position)
