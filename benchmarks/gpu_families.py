@@ -3,10 +3,13 @@ global one, bidirectional image blocks) shapes with random bf16 weights.
 
 In one process per model: HF's `generate(cache_implementation="static")` (HF compiles its decode step), then hae
 `full` and an evicting policy under `mode="reduce-overhead"`, each on a freshly built copy of the same weights.
-It records greedy-token agreement with HF, CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes
-one JSON per model under `--out`.
+It records greedy-token agreement with HF, how far hae's next-token logits are from HF's while the tokens agree
+(greedy tokens of random weights can hide wrong attention, or flip on rounding alone: the logits tell the two
+apart), CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes one JSON per model under `--out`.
 
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b gemma3_4b --out DIR
+    python benchmarks/gpu_families.py --model qwen2_5_vl_7b --dtype float32 --text-layers 8 --hf-eager \
+        --mode default --configs full --batch 2 --new-tokens 32 --out DIR   # which side a logits gap comes from
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
 """
 
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
 
 import hae_fx
 
@@ -110,14 +113,26 @@ def build(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torch.Tensor, float]:
-    """Greedy tokens of `new_tokens`, and decode ms/token from the difference against a 2-token run (prefill and
-    first token cancel out)."""
-    def run(count: int) -> tuple[torch.Tensor, float]:
+class StepLogits(LogitsProcessor):
+    """Keeps every step's next-token logits (HF and hae's decode loop call logits processors once per step)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(scores.detach().float().clone())
+        return scores
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Greedy tokens of `new_tokens`, every step's logits (from a third, untimed run), and decode ms/token from the
+    difference against a 2-token run (prefill and first token cancel out)."""
+    def run(count: int, processors: list | None = None) -> tuple[torch.Tensor, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **kwargs)
+        out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                             logits_processor=LogitsProcessorList(processors or []), **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
@@ -125,49 +140,80 @@ def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torc
     run(new_tokens)  # compile and warm up
     _, short = run(2)
     tokens, long = run(new_tokens)
-    return tokens, (long - short) / (new_tokens - 2) * 1e3
+    logits = StepLogits()
+    run(new_tokens, [logits])
+    return tokens, logits.steps, (long - short) / (new_tokens - 2) * 1e3
+
+
+def logit_agreement(steps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    """How far hae's logits are from HF's while both decode the same tokens: the largest absolute difference at the
+    first step and over the steps before the first greedy disagreement, HF's smallest top-1/top-2 margin over those
+    steps (a difference above the margin can flip a token), and that first disagreeing step."""
+    same = 0
+    while same < len(steps) and torch.equal(steps[same].argmax(-1), reference[same].argmax(-1)):
+        same += 1
+    compared = range(min(max(same, 1), len(steps)))
+    top2 = [reference[i].topk(2, dim=-1).values for i in compared]
+    return {"first_step_max_abs_diff": (steps[0] - reference[0]).abs().max().item(),
+            "max_abs_diff_while_equal": max((steps[i] - reference[i]).abs().max().item() for i in compared),
+            "hf_min_top2_margin_while_equal": min((t[..., 0] - t[..., 1]).min().item() for t in top2),
+            "first_disagreeing_step": same if same < len(steps) else None}
+
+
+#: hae configurations: (policy, share of prompt + new tokens as capacity, transform keyword arguments)
+CONFIGS: dict[str, tuple[str, float, dict]] = {
+    "full": ("full", 1.0, {}),
+    "full_nofuse": ("full", 1.0, {"fuse_projections": False}),
+    "streaming_half": ("streaming", 0.5, {}),
+}
 
 
 def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
-            dtype: torch.dtype) -> dict:
+            dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
+            mode: str | None) -> dict:
     make_config, make_inputs = MODELS[name]
     config = make_config(tiny)
+    if text_layers is not None:
+        config.get_text_config().num_hidden_layers = text_layers
+        if hasattr(config.get_text_config(), "layer_types"):
+            config.get_text_config().layer_types = config.get_text_config().layer_types[:text_layers]
     inputs = {k: v.to(device) for k, v in make_inputs(config, batch, device, tiny).items()}
     prompt_len = inputs["input_ids"].shape[1]
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    result: dict = {"model": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
+    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
     started = time.perf_counter()
     model = build(config, device, dtype)
-    reference, result["hf_static_ms_per_token"] = timed_generate(model, inputs, new_tokens,
-                                                                 cache_implementation="static")
+    result["hf_reference"] = "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled"
+    result["hae_mode"] = mode
+    reference, reference_logits, result["hf_static_ms_per_token"] = timed_generate(
+        model, inputs, new_tokens, cache_implementation="static", disable_compile=hf_eager)
     print(f"{name}: HF static {result['hf_static_ms_per_token']:.2f} ms/token, "
           f"{time.perf_counter() - started:.0f} s with its compile", flush=True)
     del model
-    policies = {
-        "full": hae_fx.HAEConfig(policy="full", capacity=prompt_len + new_tokens),
-        "streaming_half": hae_fx.HAEConfig(policy="streaming", capacity=(prompt_len + new_tokens) // 2),
-    }
-    for label, hae_config in policies.items():
+    for label in configs:
+        policy, share, transform_options = CONFIGS[label]
+        hae_config = hae_fx.HAEConfig(policy=policy, capacity=int((prompt_len + new_tokens) * share))
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.utils.counters.clear()
         model = hae_fx.transform(build(config, device, dtype), hae_config,
-                                 mode="reduce-overhead" if device == "cuda" else None)
-        tokens, ms = timed_generate(model, inputs, new_tokens)
+                                 mode=mode, **transform_options)
+        tokens, logits, ms = timed_generate(model, inputs, new_tokens)
         new = slice(prompt_len, None)
         agreement = (tokens[:, new] == reference[:, new]).float().mean().item()
         cache = hae_fx.HAECache.for_model(model, hae_config, batch)
         result[label] = {"ms_per_token": ms, "token_agreement_with_hf": agreement,
                          "tokens_equal_hf": tokens.tolist() == reference.tolist(),
+                         "logits": logit_agreement(logits, reference_logits),
                          "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],
                          "decode_graphs": len(model.hae_graphs["decode"]), "kv_bytes": cache.kv_nbytes,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
         del model, cache
-        (out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}.json").write_text(json.dumps(result, indent=1))
+        (out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}_{result['text_layers']}l.json").write_text(json.dumps(result, indent=1))
         print(json.dumps({label: result[label]}), flush=True)
     return result
 
@@ -181,13 +227,24 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="weights and activations (default: bfloat16 on cuda, float32 elsewhere); float32 makes "
                              "greedy tokens of random weights comparable across attention kernels")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["full", "streaming_half"])
+    parser.add_argument("--text-layers", type=int, default=None,
+                        help="keep the first N decoder layers (a shorter compile for a logits check)")
+    parser.add_argument("--hf-eager", action="store_true",
+                        help="the HF reference without HF's decode compile (on CUDA HF compiles its static-cache "
+                             "step; elsewhere it never does)")
+    parser.add_argument("--mode", choices=["reduce-overhead", "default"], default=None,
+                        help="hae's torch.compile mode (default: reduce-overhead on cuda, Inductor's default "
+                             "elsewhere)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     for name in args.model:
-        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype)),
+        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype,
+                                  args.configs, args.text_layers, args.hf_eager,
+                                  args.mode or ("reduce-overhead" if args.device == "cuda" else None))),
               flush=True)
 
 

@@ -47,6 +47,7 @@ import hae_fx
 from hae_fx.config import PolicyConfig
 from hae_fx.models import corpus
 from hae_fx.models.gemma3_270m import load
+from hae_fx.kv_quant import KV_DTYPES
 from hae_fx.policies import available, get_policy, sweep_config
 
 BUDGETS = (0.75, 0.5, 0.35, 0.2, 0.1)  # evicting policies; `full` runs at 100%
@@ -167,14 +168,21 @@ def passkey(tokenizer, length: int, n: int, seed: int) -> TaskSet:
     return TaskSet("passkey", length, tuple(samples))
 
 
+def _facts(rng: random.Random, words: Sequence[str]) -> tuple[list[str], list[str], list[tuple[float, str]]]:
+    """`MULTIKEY_NEEDLES` distinct words from `words`, a distinct five-digit number for each, and the needles that
+    state them at seeded depths (fractions of the haystack)."""
+    chosen = rng.sample(words, MULTIKEY_NEEDLES)
+    keys = [str(k) for k in rng.sample(range(10_000, 100_000), MULTIKEY_NEEDLES)]
+    needles = [(rng.random(), MULTIKEY_NEEDLE.format(word=w, key=k)) for w, k in zip(chosen, keys, strict=True)]
+    return chosen, keys, needles
+
+
 def multikey(tokenizer, length: int, n: int, seed: int) -> TaskSet:
     """`MULTIKEY_NEEDLES` facts (distinct words, distinct numbers) at seeded depths; the question names one."""
     samples = []
     for i in range(n):
         rng = _rng(seed, "multikey", length, i)
-        words = rng.sample(MULTIKEY_WORDS, MULTIKEY_NEEDLES)
-        keys = [str(k) for k in rng.sample(range(10_000, 100_000), MULTIKEY_NEEDLES)]
-        needles = [(rng.random(), MULTIKEY_NEEDLE.format(word=w, key=k)) for w, k in zip(words, keys, strict=True)]
+        words, keys, needles = _facts(rng, MULTIKEY_WORDS)
         asked = rng.randrange(MULTIKEY_NEEDLES)
         prompt = _haystack(tokenizer, length, MULTIKEY_INTRO, needles,
                            MULTIKEY_QUESTION.format(word=words[asked]), rng.randrange(2**31))
@@ -190,9 +198,7 @@ def followup(tokenizer, length: int, n: int, seed: int) -> TaskSet:
     samples = []
     for i in range(n):
         rng = _rng(seed, "followup", length, i)
-        chosen = rng.sample(words, MULTIKEY_NEEDLES)
-        keys = [str(k) for k in rng.sample(range(10_000, 100_000), MULTIKEY_NEEDLES)]
-        needles = [(rng.random(), MULTIKEY_NEEDLE.format(word=w, key=k)) for w, k in zip(chosen, keys, strict=True)]
+        chosen, keys, needles = _facts(rng, words)
         asked = rng.sample(range(MULTIKEY_NEEDLES), FOLLOWUP_TURNS)
         prompt = _haystack(tokenizer, length, MULTIKEY_INTRO, needles,
                            MULTIKEY_QUESTION.format(word=chosen[asked[0]]), rng.randrange(2**31))
@@ -295,11 +301,11 @@ def first_number(text: str) -> str:
     return match.group() if match else ""
 
 
-def config_for(policy: str, capacity: int) -> PolicyConfig:
+def config_for(policy: str, capacity: int, kv_dtype: str | None = None) -> PolicyConfig:
     """`benchmarks/accuracy.py`'s rule: 4 sinks, a window of a quarter of the capacity (at most 16), a bin of an
-    eighth (policies without a bin leave it out)."""
+    eighth (policies without a bin leave it out); `kv_dtype` stores the K/V slots in that 8-bit form."""
     return sweep_config(policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
-                        bin_size=max(1, capacity // 8))
+                        bin_size=max(1, capacity // 8), kv_dtype=kv_dtype)
 
 
 def build_tasks(tokenizer, args: argparse.Namespace) -> list[TaskSet]:
@@ -384,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=lambda s: tuple(float(b) for b in s.split(",")), default=None,
                         help="comma-separated fractions of the sequence, for the evicting policies")
     parser.add_argument("--policies", type=lambda s: s.split(","), default=None, help="default: all registered")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), action="append", default=[],
+                        help="also run every policy with its K/V slots in this 8-bit form (rows `policy+int8`)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
@@ -411,7 +419,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     base, tokenizer = load()
     tasks = build_tasks(tokenizer, args)
     options = {"hae.compiler": args.compiler}
-    runs = [(p, b) for p in args.policies for b in (args.budgets if get_policy(p).evicts else (1.0,))]
+    runs = [(p, b, kv) for p in args.policies for kv in (None, *args.kv_dtype)
+            for b in (args.budgets if get_policy(p).evicts else (1.0,))]
     rows: list[Row] = []
     dropped: list[str] = []
     start = time.perf_counter()
@@ -428,13 +437,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
             progress.write(f"dropped {dropped[-1]}")
             progress.update(len(runs))
             continue
-        for policy, budget in runs:
-            progress.set_postfix_str(f"{taskset.name} {policy} {budget:.0%}")
+        for policy, budget, kv_dtype in runs:
+            label = f"{policy}+{kv_dtype}" if kv_dtype else policy
+            progress.set_postfix_str(f"{taskset.name} {label} {budget:.0%}")
             capacity = taskset.capacity(budget)
             began = time.perf_counter()
-            model = hae_fx.transform(copy.deepcopy(base), config_for(policy, capacity), options=options)
+            model = hae_fx.transform(copy.deepcopy(base), config_for(policy, capacity, kv_dtype), options=options)
             score, kv_bytes, turns = run_taskset(model, tokenizer, taskset, args.batch_size)
-            rows.append(Row(policy, taskset.name, budget, capacity, score, kv_bytes, time.perf_counter() - began,
+            rows.append(Row(label, taskset.name, budget, capacity, score, kv_bytes, time.perf_counter() - began,
                             turns))
             del model
             progress.update()
