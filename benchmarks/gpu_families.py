@@ -175,12 +175,13 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
     config = make_config(tiny)
     if text_layers is not None:
         config.get_text_config().num_hidden_layers = text_layers
-        if hasattr(config.get_text_config(), "layer_types"):
+        if getattr(config.get_text_config(), "layer_types", None):
             config.get_text_config().layer_types = config.get_text_config().layer_types[:text_layers]
     inputs = {k: v.to(device) for k, v in make_inputs(config, batch, device, tiny).items()}
     prompt_len = inputs["input_ids"].shape[1]
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
+    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
+                    "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
     started = time.perf_counter()
@@ -213,7 +214,8 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
                          "decode_graphs": len(model.hae_graphs["decode"]), "kv_bytes": cache.kv_nbytes,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
         del model, cache
-        (out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}_{result['text_layers']}l.json").write_text(json.dumps(result, indent=1))
+        path = out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}_{result['text_layers']}l.json"
+        path.write_text(json.dumps(result, indent=1))
         print(json.dumps({label: result[label]}), flush=True)
     return result
 

@@ -45,9 +45,9 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 import hae_fx
 from hae_fx.config import PolicyConfig
+from hae_fx.kv_quant import KV_DTYPES
 from hae_fx.models import corpus
 from hae_fx.models.gemma3_270m import load
-from hae_fx.kv_quant import KV_DTYPES
 from hae_fx.policies import available, get_policy, sweep_config
 
 BUDGETS = (0.75, 0.5, 0.35, 0.2, 0.1)  # evicting policies; `full` runs at 100%

@@ -25,6 +25,12 @@ def llava_inputs(model, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
+def unpadded(inputs: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    """Row `row` of a `llava_inputs` batch without its left padding: the one sequence an oracle runs alone."""
+    real = inputs["attention_mask"][row].bool()
+    return {"input_ids": inputs["input_ids"][row:row + 1, real], "pixel_values": inputs["pixel_values"][row:row + 1]}
+
+
 @pytest.fixture
 def dynamo_counters():
     """Dynamo's counters, cleared at the start of the test."""

@@ -19,7 +19,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import hae_fx
 from hae_fx.cache import kept_positions
 from hae_fx.models.llava import tiny_llava
-from tests.conftest import llava_inputs
+from tests.conftest import llava_inputs, unpadded
 
 
 class Rule(Protocol):
@@ -184,9 +184,7 @@ def check_against_rule(config, make_rule, *, seed: int, new_tokens: int = 100) -
     width = inputs["input_ids"].shape[1]
     runs = []
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
-                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        sequence = unpadded(inputs, row)
         run = run_rule(reference, sequence, make_rule(), capacity=config.capacity, new_tokens=new_tokens)
         assert [kept[row] for kept in recorder.kept] == run.kept, f"sequence {row}"
         assert out.sequences[row, width:].tolist() == run.tokens, f"sequence {row}"
@@ -287,9 +285,7 @@ def check_against_layer_rules(config, make_rule, capacities: list[int], *, seed:
     width = inputs["input_ids"].shape[1]
     runs = []
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
-                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        sequence = unpadded(inputs, row)
         rules = [make_rule(layer) for layer in range(len(capacities))]
         run = run_layer_rules(reference, sequence, rules, capacities, new_tokens=new_tokens)
         for layer in range(len(capacities)):

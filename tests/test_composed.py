@@ -9,7 +9,7 @@ import hae_fx
 from hae_fx import HAEConfigError
 from hae_fx.policies.composed import ComposedConfig
 from hae_fx.policies.snapkv import SnapKVConfig
-from tests.conftest import llava_inputs
+from tests.conftest import llava_inputs, unpadded
 from tests.hae_oracle import DDESState, _decode_forward, _global_layers, _score_increments
 from tests.policy_oracle import model_for
 from tests.test_hae import generate_recorded
@@ -62,9 +62,7 @@ def test_snapkv_prefill_with_ddes_decode_matches_the_composed_oracles_for_100_st
     reference = model_for(seed, attn_implementation="eager")
     width = inputs["input_ids"].shape[1]
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
-                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        sequence = unpadded(inputs, row)
         kept, binned, tokens, logits = run_composed_oracle(reference, sequence, new_tokens)
         assert [step[row] for step in recorder.kept] == kept, f"sequence {row}"
         assert [step[row] for step in recorder.binned] == binned, f"sequence {row}"

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import hae_fx
 from hae_fx.cache import VISUAL, binned_positions, kept_positions
 from hae_fx.models.llava import tiny_llava
-from tests.conftest import llava_inputs
+from tests.conftest import llava_inputs, unpadded
 from tests.hae_oracle import run_hae_oracle
 
 OVERFLOW = hae_fx.HAEConfig(policy="hae", capacity=24, bin_size=6, sinks=2, window=4, dap_layer=1, r=0.04,
@@ -59,12 +59,6 @@ def restored_count(run):
     """Tokens that left the bin for the active set (neither freed nor still binned one step later)."""
     steps = zip(run.binned, run.kept[1:], run.binned[1:], strict=False)
     return sum(len(set(binned) & (set(kept) - set(still_binned))) for binned, kept, still_binned in steps)
-
-
-def unpadded(inputs, row):
-    real = inputs["attention_mask"][row].bool()
-    return {"input_ids": inputs["input_ids"][row : row + 1, real],
-            "pixel_values": inputs["pixel_values"][row : row + 1]}
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])

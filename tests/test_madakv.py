@@ -14,7 +14,7 @@ import hae_fx
 from hae_fx import HAEConfigError
 from hae_fx.policies.composed import ComposedConfig
 from hae_fx.policies.madakv import MadaKVConfig
-from tests.conftest import llava_inputs
+from tests.conftest import llava_inputs, unpadded
 from tests.policy_oracle import model_for, per_layer_masks
 
 CONFIG = MadaKVConfig(capacity=14, sinks=1, window=4, theta=0.9)
@@ -164,9 +164,7 @@ def test_madakv_matches_oracle_for_100_steps_on_a_padded_batch(compensate):
     reference = model_for(SEED, attn_implementation="eager")
     width = inputs["input_ids"].shape[1]
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        sequence = {"input_ids": inputs["input_ids"][row:row + 1, real],
-                    "pixel_values": inputs["pixel_values"][row:row + 1]}
+        sequence = unpadded(inputs, row)
         oracle, history, tokens, logits = run_oracle(reference, config, sequence, new_tokens)
         assert [step[row] for step in recorder.kept] == history, f"sequence {row}"
         assert out.sequences[row, width:].tolist() == tokens, f"sequence {row}"

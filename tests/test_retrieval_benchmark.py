@@ -118,3 +118,16 @@ def test_followup_turns_on_the_full_cache_score_as_hf(retrieval) -> None:
     _, kv_bytes, turns = retrieval.run_taskset(model, tokenizer, taskset, batch_size=1)
     assert expected == (1.0,) * retrieval.FOLLOWUP_TURNS
     assert turns == expected and kv_bytes is not None
+
+
+def test_kv_dtype_runs_each_policy_again_with_8_bit_slots(retrieval, tmp_path) -> None:
+    rows = retrieval.main(["--quick", "--policies", "full,streaming", "--kv-dtype", "int8", "--out", str(tmp_path)])
+    by_run = {(r.policy, r.budget): r for r in rows}
+    assert set(by_run) == {("hf", 1.0), ("full", 1.0), ("full+int8", 1.0), ("streaming", 0.5),
+                           ("streaming+int8", 0.5)}
+    for policy, budget in (("full", 1.0), ("streaming", 0.5)):
+        float_run, int8_run = by_run[policy, budget], by_run[f"{policy}+int8", budget]
+        assert int8_run.capacity == float_run.capacity
+        # 8-bit values plus one fp32 scale per slot and head: well under the float slots' bytes
+        assert int8_run.kv_bytes < 0.6 * float_run.kv_bytes
+    assert "| passkey@256 | full+int8 |" in (tmp_path / "retrieval.md").read_text()
