@@ -433,3 +433,24 @@ def test_hae_fx_run_samples_with_a_seed(text_package):
     result = _cli("run", str(path), "--prompt-ids", *map(str, ids), "--max-new-tokens", str(NEW_TOKENS),
                   "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "5")
     assert result.stdout.split() == [str(token) for token in expected[0, len(ids):].tolist()]
+
+
+def test_cpp_runner_takes_pixels_from_a_raw_file(llava_package, cpp_runner, tmp_path):
+    """`hae_deploy --image FILE` feeds a LLaVA package raw float32 pixels of the exported shape (two different
+    images over the batch): the `transform()` path's tokens. Without the file, or with a file of another size,
+    it refuses."""
+    path, _ = llava_package("hae")
+    model = tiny_llava(seed=0)
+    ids = llava_prompt(model.config, prefix=[1, *range(3, 9)], suffix=list(range(20, 27)))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    pixels.numpy().tofile(tmp_path / "pixels.f32")
+    reference = hae_fx.transform(model, CONFIGS["hae"], options=EAGER)
+    expected = reference.generate(input_ids=torch.tensor([ids] * 2), pixel_values=pixels,
+                                  max_new_tokens=NEW_TOKENS, do_sample=False)
+    args = [str(path), str(NEW_TOKENS), *map(str, ids)]
+    assert _cpp_tokens(cpp_runner, "--image", str(tmp_path / "pixels.f32"), *args) == expected[:, len(ids):].tolist()
+    refused = _run_cpp(cpp_runner, *args, check=False)
+    assert refused.returncode == 1 and "takes pixel_values with every prompt: pass --image FILE" in refused.stderr
+    pixels[:1].numpy().tofile(tmp_path / "one.f32")
+    refused = _run_cpp(cpp_runner, "--image", str(tmp_path / "one.f32"), *args, check=False)
+    assert refused.returncode == 1 and "of shape [2, 3, 32, 32]" in refused.stderr
