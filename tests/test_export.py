@@ -1,12 +1,13 @@
 """Exported packages (`hae_fx.export` / `hae_fx.load`): the tokens of the `transform()` path, from one `.pt2`, in a
-process that never imports hae_fx, from `hae-fx export` / `hae-fx run`, and from the C++ example; and every
+process that never imports hae_fx, from `hae-fx export` / `hae-fx run`, and from the C++ example (text, and
+pixels from a raw file); sampled tokens equal to HF's `generate(do_sample=True)` with the same seed; and every
 refusal of a package that must not run.
 
 AOTInductor compiles take about a minute per package on 2 cores, so each package is built once per module: tiny
 LLaVA (its vision tower inside the package) for `full`, `streaming` and `hae`, and a windowed text model
-(mistral with a sliding window: its layers keep rings) through the command line for `hae`. The reference is the
-`transform()` path on a fresh copy of the same model (the eager-reference compiler: the rewritten graphs run
-without Inductor).
+(mistral with a sliding window: its layers keep rings) through the command line for `hae`; Aya Vision and Janus
+for `full` (one package each). The reference is the `transform()` path on a fresh copy of the same model (the
+eager-reference compiler: the rewritten graphs run without Inductor).
 """
 
 from __future__ import annotations
