@@ -278,8 +278,10 @@ class Runner:
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty the cache and run the prompt: `(last position's logits [batch, vocab], its positions [batch, 1])`.
-        `decode` continues from there; `generate` runs both after `check_prompt`."""
+        `decode` continues from there (`generate` runs both); a prompt the package was not built for raises
+        `PromptError`."""
         meta = self.metadata
+        self.check_prompt(input_ids, max_new_tokens=0)
         image = self._image_input(pixel_values, image_features)
         device = self.device
         # contiguous: the programs were compiled for contiguous inputs
