@@ -6,7 +6,8 @@ inspect what hae_fx would do to a model before anything runs, run the demo and t
     hae-fx generate --model DIR --prompt TEXT [--image FILE] [--policy hae --budget 0.5 --device cuda]
     hae-fx bench accuracy|speed [the benchmark's own options]
     hae-fx export --model DIR --out model.pt2 [--policy hae --budget 0.5 --max-prompt-len 512]
-    hae-fx run model.pt2 --prompt-ids 1 15043 [--max-new-tokens 32] [--top-p 0.9 --seed 0]   (or --prompt TEXT)
+    hae-fx run model.pt2 --prompt-ids 1 15043 [--max-new-tokens 32]   (or --prompt TEXT --tokenizer DIR)
+    hae-fx run model.pt2 --prompt-ids 1 15043 --top-p 0.9 --temperature 0.7 --seed 0      (sampled)
 
 Everything is offline: `--model` is a local folder as `save_pretrained` writes it. Exit codes: 0 on success, 1
 when hae_fx refuses the model or the request (the message says why and what to do), 2 for bad arguments.
