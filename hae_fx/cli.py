@@ -7,6 +7,7 @@ inspect what hae_fx would do to a model before anything runs, run the demo and t
     hae-fx bench accuracy|speed [the benchmark's own options]
     hae-fx export --model DIR --out model.pt2 [--policy hae --budget 0.5 --max-prompt-len 512]
     hae-fx run model.pt2 --prompt-ids 1 15043 [--max-new-tokens 32]   (or --prompt TEXT --tokenizer DIR)
+    hae-fx run model.pt2 --prompt-ids 1 15043 --top-p 0.9 --temperature 0.7 --seed 0      (sampled)
 
 Everything is offline: `--model` is a local folder as `save_pretrained` writes it. Exit codes: 0 on success, 1
 when hae_fx refuses the model or the request (the message says why and what to do), 2 for bad arguments.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hae_fx import logs
+from hae_fx import deploy_runner, logs
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAEError, HAEUnsupportedModelError
 from hae_fx.policies import available, sweep_config
@@ -66,6 +67,7 @@ EXAMPLES = {
     "run": """examples:
   hae-fx run gemma.pt2 --prompt "The capital of France is" --tokenizer ~/.cache/hae_fx/gemma3-270m
   hae-fx run text.pt2 --prompt-ids 1 44 89 96 4 121 87 26 42 107 --max-new-tokens 12
+  hae-fx run text.pt2 --prompt-ids 1 44 89 96 4 121 87 26 42 107 --top-p 0.9 --temperature 0.7 --seed 0
 """,
 }
 
@@ -330,13 +332,15 @@ def add_deploy_commands(command: Callable[[str, str], argparse.ArgumentParser]) 
     export.add_argument("--device", default="cpu", help="the device the package is compiled for: cpu, cuda")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype (default: the checkpoint's)")
-    run = command("run", "generate greedily from a .pt2 package (loading it runs native code: trusted files only)")
+    run = command("run", "generate from a .pt2 package, greedily or by sampling (loading it runs native code: "
+                  "trusted files only)")
     run.add_argument("package", type=Path)
     prompt = run.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", type=int, nargs="+", help="the prompt's token ids")
     prompt.add_argument("--prompt", help="the prompt's text (needs --tokenizer)")
     run.add_argument("--tokenizer", type=Path, help="a folder holding the model's tokenizer (for --prompt)")
     run.add_argument("--max-new-tokens", type=int, default=32)
+    deploy_runner.add_sampling_arguments(run)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -398,7 +402,8 @@ def run_package(args: argparse.Namespace) -> None:
                          f"(hae_fx.load(path).generate(..., {runner.metadata['image_input']}=...))")
     prompt = torch.tensor([ids] * runner.metadata["batch"])
     start = time.perf_counter()
-    out = runner.generate(input_ids=prompt, max_new_tokens=args.max_new_tokens)
+    out = runner.generate(input_ids=prompt, max_new_tokens=args.max_new_tokens,
+                          **deploy_runner.sampling_arguments(args))
     seconds = time.perf_counter() - start
     new = out[0, prompt.shape[1]:].tolist()
     print(" ".join(map(str, new)))

@@ -387,6 +387,7 @@ def cpp_metadata(metadata: dict[str, Any]) -> str:
 
         batch 2 / min_prompt_len 2 / max_prompt_len 64 / kept_len_max 23 / image_input 0 / pad_token_id 0
         eos_token_id ID...                                   (no ids: no end-of-sequence token)
+        image NAME DTYPE NDIM SHAPE...                       (a package taking pixel_values or image_features)
         cache NAME DTYPE FILL NDIM SHAPE...                  (one per cache tensor, in input order)
         weight PROGRAM FQN RECORD OFFSET NDIM SHAPE... STRIDE...
     """
@@ -395,6 +396,10 @@ def cpp_metadata(metadata: dict[str, Any]) -> str:
     lines.append(f"image_input {int(metadata['image_input'] is not None)}")
     lines.append(f"pad_token_id {metadata['pad_token_id'] or 0}")
     lines.append(" ".join(["eos_token_id", *map(str, metadata["eos_token_id"] or [])]))
+    if metadata["image_input"] is not None:
+        shape = metadata["image_shape"]
+        lines.append(" ".join(map(str, ["image", metadata["image_input"], metadata["image_dtype"], len(shape),
+                                        *shape])))
     for spec in metadata["cache"]:
         lines.append(" ".join(map(str, ["cache", spec["name"], spec["dtype"], spec["fill"], len(spec["shape"]),
                                         *spec["shape"]])))

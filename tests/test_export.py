@@ -1,12 +1,13 @@
 """Exported packages (`hae_fx.export` / `hae_fx.load`): the tokens of the `transform()` path, from one `.pt2`, in a
-process that never imports hae_fx, from `hae-fx export` / `hae-fx run`, and from the C++ example; and every
+process that never imports hae_fx, from `hae-fx export` / `hae-fx run`, and from the C++ example (text, and
+pixels from a raw file); sampled tokens equal to HF's `generate(do_sample=True)` with the same seed; and every
 refusal of a package that must not run.
 
 AOTInductor compiles take about a minute per package on 2 cores, so each package is built once per module: tiny
 LLaVA (its vision tower inside the package) for `full`, `streaming` and `hae`, and a windowed text model
-(mistral with a sliding window: its layers keep rings) through the command line for `hae`. The reference is the
-`transform()` path on a fresh copy of the same model (the eager-reference compiler: the rewritten graphs run
-without Inductor).
+(mistral with a sliding window: its layers keep rings) through the command line for `hae`; Aya Vision and Janus
+for `full` (one package each). The reference is the `transform()` path on a fresh copy of the same model (the
+eager-reference compiler: the rewritten graphs run without Inductor).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hae_fx.cli import policy_config
 from hae_fx.models.llava import llava_prompt, tiny_llava
 from hae_fx.policies import sweep_config
 from tests.conftest import llava_inputs
-from tests.families import FAMILIES
+from tests.families import BY_NAME, FAMILIES
 
 NEW_TOKENS = 16
 MAX_PROMPT = 48
@@ -247,6 +248,24 @@ def test_export_refuses_configs_a_package_cannot_run(tmp_path):
         hae_fx.export(model, {**inputs, "image_sizes": torch.tensor([[32, 32]])}, tmp_path / "m.pt2", CONFIGS["hae"])
 
 
+# -- other VLM families whose prompts are ids, a mask and pixels ---------------------------------------------------
+@pytest.mark.parametrize("name", ["aya-vision", "janus"])
+def test_vlm_family_package_generates_transform_tokens(name, tmp_path):
+    """Aya Vision (its SigLIP tower and pixel-shuffle projector in the package; Cohere2's sliding layers keep
+    rings) and Janus: with `full`, the package's tokens for a left-padded batch of 2 equal the `transform()`
+    path's and HF's own."""
+    family = BY_NAME[name]
+    inputs = family.inputs(batch=2)
+    config = CONFIGS["full"]
+    path = hae_fx.export(family.build(), inputs, tmp_path / f"{name}.pt2", config, max_prompt_len=MAX_PROMPT)
+    expected = hae_fx.transform(family.build(), config, options=EAGER).generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(expected, family.build().generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False))
+    runner = hae_fx.load(path, expect_config=config)
+    assert runner.metadata["image_input"] == "pixel_values"
+    assert torch.equal(runner.generate(**inputs, max_new_tokens=NEW_TOKENS), expected)
+
+
 # -- a text model through the command line, and the C++ runner ---------------------------------------------------
 TEXT_FAMILY = next(family for family in FAMILIES if family.name == "mistral-window")
 TEXT_CONTEXT = 40  # `--budget 0.5 --context 40`: 20 slots for prompts of 12 tokens and 16 new ones
@@ -292,20 +311,147 @@ def test_hae_fx_run_prints_the_tokens(text_package):
     assert result.stdout.split() == [str(token) for token in expected[0, len(ids):].tolist()]
 
 
-def test_cpp_runner_builds_and_prints_the_tokens(text_package, tmp_path):
-    """examples/deploy_cpp, built with CMake against the torch wheel's libtorch, generates the same tokens."""
+@pytest.fixture(scope="module")
+def cpp_runner(tmp_path_factory) -> Path:
+    """examples/deploy_cpp's `hae_deploy`, built with CMake against the torch wheel's libtorch."""
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("cmake and a C++ compiler are needed to build examples/deploy_cpp")
-    path, reference = text_package
+    build = tmp_path_factory.mktemp("deploy_cpp")
     prefix = __import__("torch.utils").utils.cmake_prefix_path
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    subprocess.run(["cmake", "-S", str(REPO / "examples" / "deploy_cpp"), "-B", str(tmp_path), *generator,
+    subprocess.run(["cmake", "-S", str(REPO / "examples" / "deploy_cpp"), "-B", str(build), *generator,
                     f"-DCMAKE_PREFIX_PATH={prefix}"], check=True, capture_output=True, timeout=300)
-    subprocess.run(["cmake", "--build", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, timeout=600)
+    return build / "hae_deploy"
+
+
+def _run_cpp(program: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), *args], capture_output=True, text=True, check=check, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _cpp_tokens(program: Path, *args: str) -> list[list[int]]:
+    """The new tokens `hae_deploy` prints, one row per sequence."""
+    return [[int(token) for token in line.split()] for line in _run_cpp(program, *args).stdout.splitlines()]
+
+
+def test_cpp_runner_builds_and_prints_the_tokens(text_package, cpp_runner):
+    """examples/deploy_cpp generates the `transform()` path's greedy tokens."""
+    path, reference = text_package
     ids = _unpadded_prompt()
     expected = reference.generate(input_ids=torch.tensor([ids] * 2), max_new_tokens=NEW_TOKENS, do_sample=False)
-    result = subprocess.run([str(tmp_path / "hae_deploy"), str(path), str(NEW_TOKENS), *map(str, ids)],
-                            capture_output=True, text=True, check=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    rows = [[int(token) for token in line.split()] for line in result.stdout.splitlines()]
-    assert rows == expected[:, len(ids):].tolist()
+    assert _cpp_tokens(cpp_runner, str(path), str(NEW_TOKENS), *map(str, ids)) == expected[:, len(ids):].tolist()
+
+
+def test_cpp_runner_samples(text_package, cpp_runner):
+    """C++ draws cannot be torch's, so: the same seed gives the same tokens, `--top-k 1` is greedy, and every
+    sampled token lies in the top-k of the logits the package gives for the sampled sequence so far (replayed
+    through the Python runner's programs)."""
+    path, _ = text_package
+    ids = [str(token) for token in _unpadded_prompt()]
+    top_k = 5
+    sampled = _cpp_tokens(cpp_runner, "--top-k", str(top_k), "--seed", "11", str(path), str(NEW_TOKENS), *ids)
+    assert _cpp_tokens(cpp_runner, "--seed", "11", "--top-k", str(top_k), str(path), str(NEW_TOKENS), *ids) == sampled
+    greedy = _cpp_tokens(cpp_runner, str(path), str(NEW_TOKENS), *ids)
+    assert sampled != greedy
+    assert _cpp_tokens(cpp_runner, "--top-k", "1", "--temperature", "0.5", "--seed", "2", str(path),
+                       str(NEW_TOKENS), *ids) == greedy
+    runner = hae_fx.load(path)
+    tokens = torch.tensor(sampled)
+    logits, position = runner.prefill(torch.tensor([list(map(int, ids))] * 2))
+    for step in range(tokens.shape[1]):
+        allowed = logits.topk(top_k).indices
+        assert bool((allowed == tokens[:, step, None]).any(-1).all()), step
+        position = position + 1
+        logits = runner.decode(tokens[:, step], position)
+    refused = _run_cpp(cpp_runner, "--top-p", "1.5", str(path), "4", *ids, check=False)
+    assert refused.returncode == 2 and "--top-p must be in (0, 1]" in refused.stderr
+
+
+# -- sampling: the runners' draws ---------------------------------------------------------------------------------
+#: temperature, top-k and top-p together (each filter drops tokens on the tiny models' 256-token vocabulary)
+SAMPLING = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
+
+
+@pytest.mark.parametrize("options", [SAMPLING, {"temperature": 1.7}, {"top_k": 3}, {"top_k": 0, "top_p": 0.5},
+                                     {"top_k": 0, "top_p": 1.0}, {"top_k": 300, "top_p": 0.01}])
+def test_sampling_warps_the_logits_as_hf(options):
+    """`Sampling.warp` against HF's own warpers, in the order HF's generate builds them for `do_sample=True`."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    config = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, **options}  # HF's defaults
+    warpers = LogitsProcessorList(
+        ([TemperatureLogitsWarper(config["temperature"])] if config["temperature"] != 1.0 else [])
+        + ([TopKLogitsWarper(config["top_k"])] if config["top_k"] else [])
+        + ([TopPLogitsWarper(config["top_p"])] if config["top_p"] < 1.0 else []))
+    logits = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, :5] = logits[0, 5]  # ties at the k-th largest stay, as in HF
+    sampling = deploy_runner.Sampling(**options)
+    assert torch.equal(sampling.warp(logits), warpers(torch.zeros(3, 1, dtype=torch.long), logits.clone()))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+    ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"do_sample": True, "top_k": -1}, "top_k must be an integer >= 0"),
+    ({"top_p": 0.9, "seed": 1}, "top_p, seed only apply when sampling: pass do_sample=True"),
+])
+def test_runner_refuses_sampling_options_out_of_range(text_package, options, message):
+    runner = hae_fx.load(text_package[0])
+    with pytest.raises(hae_fx.HAEConfigError, match=message):
+        runner.generate(**TEXT_FAMILY.inputs(batch=2), max_new_tokens=2, **options)
+
+
+def test_sampled_package_tokens_are_hf_generates(text_package):
+    """With a seed, the package's draws are HF's `generate(do_sample=True)` on the `transform()` path after
+    `torch.manual_seed(seed)`: the same warped distribution, the same generator stream, one draw per step over the
+    batch. `top_k=1` is greedy."""
+    path, reference = text_package
+    inputs = TEXT_FAMILY.inputs(batch=2)  # left-padded
+    runner = hae_fx.load(path)
+    for seed in (0, 7):
+        torch.manual_seed(seed)
+        expected = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, **SAMPLING)
+        sampled = runner.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, seed=seed, **SAMPLING)
+        assert torch.equal(sampled, expected)
+    greedy = runner.generate(**inputs, max_new_tokens=NEW_TOKENS)
+    assert not torch.equal(sampled, greedy)  # the draws left the argmax
+    assert torch.equal(runner.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1, seed=3), greedy)
+
+
+def test_hae_fx_run_samples_with_a_seed(text_package):
+    path, reference = text_package
+    ids = _unpadded_prompt()
+    torch.manual_seed(5)
+    expected = reference.generate(input_ids=torch.tensor([ids] * 2), max_new_tokens=NEW_TOKENS, do_sample=True,
+                                  **SAMPLING)
+    result = _cli("run", str(path), "--prompt-ids", *map(str, ids), "--max-new-tokens", str(NEW_TOKENS),
+                  "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "5")
+    assert result.stdout.split() == [str(token) for token in expected[0, len(ids):].tolist()]
+
+
+def test_cpp_runner_takes_pixels_from_a_raw_file(llava_package, cpp_runner, tmp_path):
+    """`hae_deploy --image FILE` feeds a LLaVA package raw float32 pixels of the exported shape (two different
+    images over the batch): the `transform()` path's tokens. Without the file, or with a file of another size,
+    it refuses."""
+    path, _ = llava_package("hae")
+    model = tiny_llava(seed=0)
+    ids = llava_prompt(model.config, prefix=[1, *range(3, 9)], suffix=list(range(20, 27)))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    pixels.numpy().tofile(tmp_path / "pixels.f32")
+    reference = hae_fx.transform(model, CONFIGS["hae"], options=EAGER)
+    expected = reference.generate(input_ids=torch.tensor([ids] * 2), pixel_values=pixels,
+                                  max_new_tokens=NEW_TOKENS, do_sample=False)
+    args = [str(path), str(NEW_TOKENS), *map(str, ids)]
+    assert _cpp_tokens(cpp_runner, "--image", str(tmp_path / "pixels.f32"), *args) == expected[:, len(ids):].tolist()
+    refused = _run_cpp(cpp_runner, *args, check=False)
+    assert refused.returncode == 1 and "takes pixel_values with every prompt: pass --image FILE" in refused.stderr
+    pixels[:1].numpy().tofile(tmp_path / "one.f32")
+    refused = _run_cpp(cpp_runner, "--image", str(tmp_path / "one.f32"), *args, check=False)
+    assert refused.returncode == 1 and "of shape [2, 3, 32, 32]" in refused.stderr
