@@ -72,6 +72,7 @@ class PackageRunner(deploy_runner.Runner):
                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed)
 
+
 def load(path: str | Path, *, expect_config: PolicyConfig | None = None, device: str | None = None) -> PackageRunner:
     """Load a package built by `hae_fx.export`; `.generate(input_ids=..., attention_mask=..., pixel_values=...,
     max_new_tokens=...)` decodes greedily (`image_features=` in place of `pixel_values` for a package exported
