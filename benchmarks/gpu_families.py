@@ -125,8 +125,9 @@ class StepLogits(LogitsProcessor):
 
 
 def timed_generate(model, inputs: dict, new_tokens: int, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """Greedy tokens of `new_tokens`, every step's logits (from a third, untimed run), and decode ms/token from the
-    difference against a 2-token run (prefill and first token cancel out)."""
+    """Greedy tokens of `new_tokens`, every step's logits, and decode ms/token from the difference against a 2-token
+    run (prefill and first token cancel out). The logits come from a fourth run, after warm-up and both timed ones:
+    copying them each step would slow the timed run, and by then decode replays its steady-state graph."""
     def run(count: int, processors: list | None = None) -> tuple[torch.Tensor, float]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()

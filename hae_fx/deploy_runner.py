@@ -381,5 +381,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     print(" ".join(str(token) for token in out[0, prompt.shape[1]:].tolist()))
 
+
 if __name__ == "__main__":
     main()
