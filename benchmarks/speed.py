@@ -8,10 +8,11 @@ hidden-state pruning, and `streaming` at -50%. `--policies` adds each named regi
 (`h2o@448`, protecting what the accuracy sweep protects: 4 sinks, a window and bin of an eighth of the capacity).
 Decode ms/token is the median interval between consecutive steps, each marked by a CUDA event that a logits
 processor records; the floor is (decoder weights + live KV bytes) / the copy bandwidth measured in the same run, so
-`floor ratio` says how far a step is from reading its bytes once.
+`floor ratio` says how far a step is from reading its bytes once. `--jobs N` builds and compiles N configurations at
+once, each in its own process, and then times them one at a time (benchmarks/waves.py): most of a run is compiling.
 
     python benchmarks/speed.py --model llava7b --batch 8 --out benchmarks/results          # on the GPU
-    python benchmarks/speed.py --configs hf_static --policies all --capacity 448 --out DIR   # every policy
+    python benchmarks/speed.py --configs hf_static --policies all --capacity 448 --jobs 5 --out DIR  # every policy
     python benchmarks/speed.py --device cpu --quick --out DIR                               # a functional check
     python benchmarks/speed.py --batch 8 --configs full full_nofuse --out DIR                # projection fusion
 
@@ -22,6 +23,7 @@ plot under `--out`, and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
+from waves import run_in_waves
 
 import hae_fx
 from hae_fx.config import PolicyConfig
@@ -205,7 +208,10 @@ def cache_bytes(cache) -> int:
 
 
 def run_config(name: str, args, batch: int, images: int, bandwidth: float,
-               reference_tokens: dict[int, torch.Tensor]) -> Result:
+               turn: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[Result, torch.Tensor]:
+    """Build, compile (the first generate) and time one configuration; returns its row (without token agreement,
+    which needs the reference's tokens) and its greedy tokens. The timed part runs inside `turn()`."""
     device = args.device
     model = llava_shaped(device, args.quick)
     inputs = prompt_inputs(model, images, batch, device)
@@ -249,6 +255,38 @@ def run_config(name: str, args, batch: int, images: int, bandwidth: float,
         path.write_text(json.dumps(peak_allocations(snapshot), indent=1))
     peak_with_compile = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
 
+    with turn():
+        timed_from = time.time()
+        measured = _timed_part(generate, new_tokens, device, want_busy=args.busy)
+        timed_until = time.time()
+    ttfts, intervals, wall_ms, peak, out, busy = measured
+    decode_ms = statistics.median(intervals)
+    ttft = statistics.median(ttfts)
+
+    tokens = out.sequences[:, prompt_len:].cpu()
+    kv = cache_bytes(out.past_key_values)
+    capacity = config.capacity if config is not None else None
+    per_token = kv_bytes_per_token(model, batch)
+    live = [min(capacity or 1 << 60, prompt_len + step) * per_token for step in range(new_tokens)]
+    floor_ms = (decoder_weight_bytes(model) + statistics.mean(live)) / bandwidth * 1e3
+    counters = torch._dynamo.utils.counters
+    visual_tokens = images * visual_token_count(model.config)
+    result = Result(config=name, batch=batch, prompt_len=prompt_len, visual_tokens=visual_tokens,
+                    new_tokens=new_tokens, capacity=capacity, kv_bytes=kv, decode_ms=decode_ms,
+                    decode_wall_ms=(wall_ms - ttft) / max(new_tokens - 1, 1), ttft_ms=ttft,
+                    first_generate_s=first_generate_s, peak_gib=peak, peak_with_compile_gib=peak_with_compile,
+                    floor_ms=floor_ms, floor_ratio=decode_ms / floor_ms, token_agreement=None,
+                    cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+                    graphs=counters["stats"]["unique_graphs"], gpu_busy=busy,
+                    extra={"decode_ms_p10_p90": [_quantile(intervals, 0.1), _quantile(intervals, 0.9)],
+                           "ttft_runs_ms": ttfts, "weights_bytes": decoder_weight_bytes(model),
+                           "timed_unix_s": [timed_from, timed_until]})
+    return result, tokens
+
+
+def _timed_part(generate: Callable[..., Any], new_tokens: int, device: str, want_busy: bool) -> tuple:
+    """TTFT (three one-token calls), then a `new_tokens` generate with a CUDA event per step, then optionally the
+    GPU-busy profile: `(ttfts, step intervals, wall ms, peak GiB, the generate's output, busy share)`."""
     ttfts = []
     for _ in range(3):
         synchronize(device)
@@ -267,34 +305,8 @@ def run_config(name: str, args, batch: int, images: int, bandwidth: float,
     wall_ms = (time.perf_counter() - start) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     intervals = steps.intervals_ms()
-    decode_ms = statistics.median(intervals)
-    ttft = statistics.median(ttfts)
-
-    tokens = out.sequences[:, prompt_len:].cpu()
-    if name == "hf_static":
-        reference_tokens[batch] = tokens
-    agreement = None
-    if batch in reference_tokens:
-        agreement = (tokens == reference_tokens[batch]).float().mean().item()
-    kv = cache_bytes(out.past_key_values)
-    capacity = config.capacity if config is not None else None
-    per_token = kv_bytes_per_token(model, batch)
-    live = [min(capacity or 1 << 60, prompt_len + step) * per_token for step in range(new_tokens)]
-    floor_ms = (decoder_weight_bytes(model) + statistics.mean(live)) / bandwidth * 1e3
-    counters = torch._dynamo.utils.counters
-    visual_tokens = images * visual_token_count(model.config)
-    result = Result(config=name, batch=batch, prompt_len=prompt_len, visual_tokens=visual_tokens,
-                    new_tokens=new_tokens, capacity=capacity, kv_bytes=kv, decode_ms=decode_ms,
-                    decode_wall_ms=(wall_ms - ttft) / max(new_tokens - 1, 1), ttft_ms=ttft,
-                    first_generate_s=first_generate_s, peak_gib=peak, peak_with_compile_gib=peak_with_compile,
-                    floor_ms=floor_ms, floor_ratio=decode_ms / floor_ms, token_agreement=agreement,
-                    cudagraph_skips=counters["inductor"]["cudagraph_skips"],
-                    graphs=counters["stats"]["unique_graphs"],
-                    extra={"decode_ms_p10_p90": [_quantile(intervals, 0.1), _quantile(intervals, 0.9)],
-                           "ttft_runs_ms": ttfts, "weights_bytes": decoder_weight_bytes(model)})
-    if args.busy and device == "cuda":
-        result.gpu_busy = gpu_busy_fraction(lambda: generate(32))
-    return result
+    busy = gpu_busy_fraction(lambda: generate(32)) if want_busy and device == "cuda" else None
+    return ttfts, intervals, wall_ms, peak, out, busy
 
 
 def release(device: str) -> None:
@@ -425,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-snapshot", nargs="*", default=[], choices=CONFIGS,
                         help="configs whose first generate records the CUDA allocator history; writes the blocks "
                              "alive at peak to peak_allocations_<config>_b<batch>.json")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations built and compiled at once, each in its own process, then timed one "
+                             "at a time (benchmarks/waves.py); bounded by device memory")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -436,24 +451,56 @@ def main(argv: list[str] | None = None) -> None:
     policies = [p for p in available() if p != "full"] if "all" in args.policies else args.policies
     configs = args.configs + [f"{policy}@{args.capacity}" for policy in policies]
     configs = sorted(configs, key=lambda c: c != "hf_static")  # the token reference first
-    results: list[Result] = []
-    reference_tokens: dict[int, torch.Tensor] = {}
-    progress = tqdm([(batch, name) for batch in args.batch for name in configs], desc="speed", unit="config")
-    for batch, name in progress:
-        progress.set_postfix_str(f"{name} batch {batch}")
-        result = run_config(name, args, batch, PROMPTS[args.prompt], bandwidth, reference_tokens)
-        release(args.device)
-        results.append(result)
-        progress.write(json.dumps(asdict(result)))
+    work = [(batch, name) for batch in args.batch for name in configs]
+    measured: dict[tuple[int, str], tuple[Result, torch.Tensor]] = {}
+    failures: dict[str, str] = {}
+    progress = tqdm(total=len(work), desc="speed", unit="config")
+
+    def record(item: tuple[int, str], value: tuple[Result, torch.Tensor] | None, error: str | None = None) -> None:
+        if value is None:
+            failures[f"{item[1]} batch {item[0]}"] = error or ""
+            progress.write(f"{item[1]} batch {item[0]} failed:\n{error}")
+        else:
+            measured[item] = value
+            progress.write(json.dumps(asdict(value[0])))
+        progress.update()
+
+    if args.jobs > 1:
+        run_in_waves(_measure, [(batch, name, args, bandwidth) for batch, name in work], args.jobs,
+                     lambda item, value, error: record(item[:2], value and (value[0], torch.tensor(value[1])), error))
+    else:
+        for batch, name in work:
+            progress.set_postfix_str(f"{name} batch {batch}")
+            record((batch, name), run_config(name, args, batch, PROMPTS[args.prompt], bandwidth))
+            release(args.device)
+    progress.close()
+    results = []
+    for batch, name in work:  # in the order asked, each with its tokens' agreement with HF static's
+        if (batch, name) in measured:
+            result, tokens = measured[batch, name]
+            if (batch, "hf_static") in measured:
+                result.token_agreement = (tokens == measured[batch, "hf_static"][1]).float().mean().item()
+            results.append(result)
     stem = args.out / f"speed_{model_name}_{args.prompt}"
     with open(f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
     Path(f"{stem}.json").write_text(json.dumps({"bandwidth_bytes_per_s": bandwidth, "device": _device_name(args.device),
-                                                "results": [asdict(r) for r in results]}, indent=2))
+                                                "jobs": args.jobs, "results": [asdict(r) for r in results],
+                                                "failures": failures}, indent=2))
     plot(results, Path(f"{stem}.png"))
     print(table(results))
+    if failures:
+        raise SystemExit(f"failed: {', '.join(failures)} (tracebacks in {stem}.json)")
+
+
+def _measure(item: tuple[int, str, argparse.Namespace, float], turn: Callable) -> tuple[Result, list]:
+    """One `--jobs` process: one configuration at one batch (tokens as a list: a tensor would cross the process
+    boundary through shared memory, which needs the sender alive until it is read)."""
+    batch, name, args, bandwidth = item
+    result, tokens = run_config(name, args, batch, PROMPTS[args.prompt], bandwidth, turn)
+    return result, tokens.tolist()
 
 
 def _device_name(device: str) -> str:

@@ -4,6 +4,7 @@ configuration, `full` with HF's static-cache tokens, eviction with the bytes it 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,18 @@ def test_quick_run_writes_table_csv_and_plot(tmp_path):
         assert float(row["decode_ms"]) > 0 and float(row["floor_ratio"]) > 0
     assert (tmp_path / "speed_tiny_llava.png").stat().st_size > 0
     assert (tmp_path / "speed_tiny_llava.json").exists()
+
+
+def test_jobs_compile_together_and_are_timed_in_turn(tmp_path):
+    """`--jobs 3`: three processes; their rows equal a serial run's in kind, and no two timed parts overlap."""
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--device", "cpu", "--quick", "--batch", "2",
+                          "--configs", "hf_static", "full", "--policies", "h2o", "--capacity", "24", "--jobs", "3",
+                          "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((tmp_path / "speed_tiny_llava.json").read_text())
+    rows = {row["config"]: row for row in saved["results"]}
+    assert list(rows) == ["hf_static", "full", "h2o@24"] and saved["failures"] == {}
+    assert rows["full"]["token_agreement"] == 1.0 and rows["h2o@24"]["kv_bytes"] < rows["full"]["kv_bytes"]
+    spans = sorted(tuple(row["extra"]["timed_unix_s"]) for row in rows.values())
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
