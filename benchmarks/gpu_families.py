@@ -10,6 +10,7 @@ apart), CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes 
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b gemma3_4b --out DIR
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --dtype float32 --text-layers 8 --hf-eager \
         --mode default --configs full --batch 2 --new-tokens 32 --out DIR   # which side a logits gap comes from
+    (`--hae-compiler eager` in place of `--mode default`: hae's reference ops, no Triton kernel, no CUDA graphs)
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
 """
 
@@ -171,7 +172,7 @@ CONFIGS: dict[str, tuple[str, float, dict]] = {
 
 def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
             dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
-            mode: str | None) -> dict:
+            mode: str | None, hae_compiler: str = "inductor") -> dict:
     make_config, make_inputs = MODELS[name]
     config = make_config(tiny)
     if text_layers is not None:
@@ -189,6 +190,7 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
     model = build(config, device, dtype)
     result["hf_reference"] = "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled"
     result["hae_mode"] = mode
+    result["hae_compiler"] = hae_compiler
     reference, reference_logits, result["hf_static_ms_per_token"] = timed_generate(
         model, inputs, new_tokens, cache_implementation="static", disable_compile=hf_eager)
     print(f"{name}: HF static {result['hf_static_ms_per_token']:.2f} ms/token, "
@@ -202,8 +204,8 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.utils.counters.clear()
-        model = hae_fx.transform(build(config, device, dtype), hae_config,
-                                 mode=mode, **transform_options)
+        model = hae_fx.transform(build(config, device, dtype), hae_config, mode=mode,
+                                 options={"hae.compiler": hae_compiler}, **transform_options)
         tokens, logits, ms = timed_generate(model, inputs, new_tokens)
         new = slice(prompt_len, None)
         agreement = (tokens[:, new] == reference[:, new]).float().mean().item()
@@ -239,6 +241,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["reduce-overhead", "default"], default=None,
                         help="hae's torch.compile mode (default: reduce-overhead on cuda, Inductor's default "
                              "elsewhere)")
+    parser.add_argument("--hae-compiler", choices=["inductor", "eager"], default="inductor",
+                        help="eager: hae's rewritten graphs run the ops' reference implementations (no Triton kernel, "
+                             "no CUDA graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -247,7 +252,8 @@ def main() -> None:
     for name in args.model:
         print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype,
                                   args.configs, args.text_layers, args.hf_eager,
-                                  args.mode or ("reduce-overhead" if args.device == "cuda" else None))),
+                                  args.mode or ("reduce-overhead" if args.device == "cuda" else None),
+                                  args.hae_compiler)),
               flush=True)
 
 
