@@ -4,6 +4,7 @@ retrieval tasks.
     python benchmarks/accuracy.py                       # SynthVLM: 600 questions and 300 conversations, 6 budgets
     python benchmarks/accuracy.py --quick               # CI-sized: 60 questions, 3 budgets
     python benchmarks/accuracy.py --tune                # also tune `hae` on the tuning split, run `hae_tuned`
+    python benchmarks/accuracy.py --ablate              # also `hae` taken apart (`ABLATIONS`)
     python benchmarks/accuracy.py --kv-dtype int8       # every variant also with int8 K/V slots (rows `name+int8`)
     python benchmarks/accuracy.py --model gemma3-270m [retrieval options]   # benchmarks/retrieval.py's tasks
 
@@ -26,6 +27,14 @@ there, so the **headline** is the mean over the other kinds, and the inert ones 
 difference the report claims comes with a 95% confidence interval from a paired bootstrap over questions
 (resampled within each kind, the same questions for both sides).
 
+Why a policy loses a question about one cell (`locate`, `colour_at`, `shape_at`; `scenes.asked_cell`): the report's
+"asked cell's patches kept" table gives, per variant and budget, the share of that cell's image patches
+(`model.cell_patches`) the cache held after prefill and after the last generated token (layer 0's slots for a
+policy with per-layer capacities or per-head sets). `--ablate` adds `hae` taken apart, each under its own label:
+DAP's prefill with StreamingLLM's decode (`dap_streaming`), StreamingLLM's or FastV's prefill with DDES's decode
+(`streaming_ddes`, `fastv_ddes`), no visual-first eviction (`hae_no_visual_first`) and a greedy one-slot bin
+(`hae_greedy_bin`); `--set` does not apply to them.
+
 `--tune` chooses `hae`'s fields on the tuning split (`data.TUNE`, scenes disjoint from the test split's
 `data.HELD_OUT`) by the mean score over `TUNE_BUDGETS`, then runs the chosen setting as `hae_tuned` on the test
 split next to the paper's defaults (`hae`).
@@ -46,7 +55,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,23 +260,21 @@ class Row:
         return row
 
 
-def asked_cell_kept(cache: hae_fx.HAECache, row: int, example: Example) -> tuple[float, float] | None:
+def asked_cell_kept(example: Example, visual_positions: Sequence[int], kept: Collection[int]) -> float | None:
     """The fraction of the patches of the cell `example` asks about (`scenes.asked_cell`; a patch belongs to the
-    cell holding its centre) that sequence `row` of `cache` kept after prefill and holds now; None for a question
-    about the whole scene. "Now" reads layer 0 (`kept_positions`): for a policy with per-layer capacities the
-    largest, for one with a head axis any KV head's."""
+    cell holding its centre, `model.cell_patches`) whose logical positions are in `kept`, `visual_positions` being
+    the prompt positions of the image's patches in row-major order; None for a question about the whole scene."""
     cell = asked_cell(example.scene, example.question)
     if cell is None:
         return None
-    visual = cache.prompt_visual_positions[row]
-    positions = [visual[patch] for patch in cell_patches(cell, example.scene.grid_size)]
-    kept = (set(cache.prefill_kept[row]), set(kept_positions(cache)[row]))
-    return tuple(sum(p in held for p in positions) / len(positions) for held in kept)
+    positions = [visual_positions[patch] for patch in cell_patches(cell, example.scene.grid_size)]
+    return sum(p in kept for p in positions) / len(positions)
 
 
 class _CacheStats:
     """Collects, per generated question, the cache's KV bytes and how many of its visual tokens survived, and, per
-    `CELL_KINDS` question, how many of the asked cell's (`asked_cell_kept`)."""
+    `CELL_KINDS` question, how many of the asked cell's (`asked_cell_kept`). The end of generation reads layer 0's
+    slots (`kept_positions`): for a policy with per-layer capacities its largest, with a head axis any KV head's."""
 
     def __init__(self) -> None:
         self.kv_bytes: list[float] = []
@@ -280,6 +287,7 @@ class _CacheStats:
         cache = out.past_key_values
         per_sequence = cache.kv_nbytes / cache.batch
         summary = hae_fx.report(cache)
+        now = kept_positions(cache)
         for row, example in enumerate(examples):
             visual = set(cache.prompt_visual_positions[row])
             sequence = summary.sequences[row]
@@ -287,9 +295,10 @@ class _CacheStats:
             self.visual_prefill.append(len(visual.intersection(cache.prefill_kept[row])) / len(visual))
             self.visual_end.append(sequence.kept_visual / sequence.prompt_visual)
             if isinstance(example, Example) and example.kind in CELL_KINDS:  # not a conversation
-                prefill, end = asked_cell_kept(cache, row, example)
-                self.cell_prefill.setdefault(example.kind, []).append(prefill)
-                self.cell_end.setdefault(example.kind, []).append(end)
+                visual = cache.prompt_visual_positions[row]
+                self.cell_prefill.setdefault(example.kind, []).append(
+                    asked_cell_kept(example, visual, set(cache.prefill_kept[row])))
+                self.cell_end.setdefault(example.kind, []).append(asked_cell_kept(example, visual, set(now[row])))
 
 
 def _answer_group(model: torch.nn.Module, tokenizer: WordTokenizer, group: Group, batch_size: int,
@@ -554,6 +563,20 @@ def _retrieval_main():
     return module.main
 
 
+def selected_variants(args: argparse.Namespace) -> list[Variant]:
+    """The variants `--policies` names (all by default), with `--set`'s fields, then `--ablate`'s."""
+    every = variants(args.kv_dtype)
+    chosen = [v for v in every if args.policies is None or v.name in args.policies]
+    if args.set:
+        chosen = [dataclasses.replace(v, overrides=tuple((name, value) for name, value in args.set
+                                                        if name in config_fields(v.policy))) for v in chosen]
+    if args.ablate:
+        chosen += ABLATIONS
+    if not chosen and not args.tune:
+        raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> list:
     args, rest = parse_args(argv)
     if args.model == "gemma3-270m":
@@ -565,15 +588,7 @@ def main(argv: list[str] | None = None) -> list:
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
     out = args.out or RESULTS / ("accuracy_quick" if args.quick else "accuracy")
     out.mkdir(parents=True, exist_ok=True)
-    every = variants(args.kv_dtype)
-    chosen = [v for v in every if args.policies is None or v.name in args.policies]
-    if args.set:
-        chosen = [dataclasses.replace(v, overrides=tuple((name, value) for name, value in args.set
-                                                        if name in config_fields(v.policy))) for v in chosen]
-    if args.ablate:
-        chosen += ABLATIONS
-    if not chosen and not args.tune:
-        raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
+    chosen = selected_variants(args)
 
     if args.merge:
         rows, tuning = [], ""
