@@ -4,6 +4,7 @@ retrieval tasks.
     python benchmarks/accuracy.py                       # SynthVLM: 600 questions and 300 conversations, 6 budgets
     python benchmarks/accuracy.py --quick               # CI-sized: 60 questions, 3 budgets
     python benchmarks/accuracy.py --tune                # also tune `hae` on the tuning split, run `hae_tuned`
+    python benchmarks/accuracy.py --ablate              # also `hae` taken apart (`ABLATIONS`)
     python benchmarks/accuracy.py --kv-dtype int8       # every variant also with int8 K/V slots (rows `name+int8`)
     python benchmarks/accuracy.py --model gemma3-270m [retrieval options]   # benchmarks/retrieval.py's tasks
 
@@ -26,6 +27,14 @@ there, so the **headline** is the mean over the other kinds, and the inert ones 
 difference the report claims comes with a 95% confidence interval from a paired bootstrap over questions
 (resampled within each kind, the same questions for both sides).
 
+Why a policy loses a question about one cell (`locate`, `colour_at`, `shape_at`; `scenes.asked_cell`): the report's
+"asked cell's patches kept" table gives, per variant and budget, the share of that cell's image patches
+(`model.cell_patches`) the cache held after prefill and after the last generated token (layer 0's slots for a
+policy with per-layer capacities or per-head sets). `--ablate` adds `hae` taken apart, each under its own label:
+DAP's prefill with StreamingLLM's decode (`dap_streaming`), StreamingLLM's or FastV's prefill with DDES's decode
+(`streaming_ddes`, `fastv_ddes`), no visual-first eviction (`hae_no_visual_first`) and a greedy one-slot bin
+(`hae_greedy_bin`); `--set` does not apply to them.
+
 `--tune` chooses `hae`'s fields on the tuning split (`data.TUNE`, scenes disjoint from the test split's
 `data.HELD_OUT`) by the mean score over `TUNE_BUDGETS`, then runs the chosen setting as `hae_tuned` on the test
 split next to the paper's defaults (`hae`).
@@ -46,7 +55,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +64,7 @@ import torch
 from tqdm import tqdm
 
 import hae_fx
+from hae_fx.cache import kept_positions
 from hae_fx.config import PolicyConfig
 from hae_fx.models.synthvlm import QUESTION_KINDS, WordTokenizer
 from hae_fx.models.synthvlm.data import (
@@ -75,7 +85,8 @@ from hae_fx.models.synthvlm.evaluate import (
     question_groups,
     score,
 )
-from hae_fx.models.synthvlm.model import load
+from hae_fx.models.synthvlm.model import cell_patches, load
+from hae_fx.models.synthvlm.scenes import asked_cell
 from hae_fx.policies import available, config_class, get_policy, sweep_config
 
 BUDGETS = (1.0, 0.75, 0.5, 0.35, 0.2, 0.1)
@@ -96,6 +107,8 @@ HAE_GRID: tuple[dict[str, object], ...] = (
     {"decay": 0.05},
     {"r": 0.01, "alpha": 0.005},
 )
+#: kinds whose question concerns one scene cell (`scenes.asked_cell`): the report says how much of it was kept
+CELL_KINDS = ("locate", "colour_at", "shape_at")
 
 
 @dataclass(frozen=True)
@@ -137,14 +150,32 @@ def variants(kv_dtypes: Sequence[str] = ()) -> list[Variant]:
     return out
 
 
+#: `--ablate`: `hae` taken apart. Each `composed` variant is `<prefill half>_<decode half>`, `dap` and `ddes`
+#: naming `hae`'s prefill (Dual-Attention Pruning) and decode (the DDES recycle bin); each half runs with
+#: `config_for`'s rule, as the policy it comes from does on its own (so `fastv_ddes`'s FastV prunes the caches
+#: only, like the `fastv` row)
+ABLATIONS: tuple[Variant, ...] = (
+    Variant("composed", overrides=(("prefill", "hae"), ("decode", "streaming")), label="dap_streaming"),
+    Variant("composed", overrides=(("prefill", "streaming"), ("decode", "hae")), label="streaming_ddes"),
+    Variant("composed", overrides=(("prefill", "fastv"), ("decode", "hae")), label="fastv_ddes"),
+    Variant("hae", overrides=(("visual_first", 0.0),), label="hae_no_visual_first"),
+    Variant("hae", overrides=(("bin_fraction", 0.0),), label="hae_greedy_bin"),
+)
+
+
 def config_for(variant: Variant, capacity: int) -> PolicyConfig:
     """The configuration a variant runs with at `capacity` slots.
 
     One rule for every policy: 4 sinks, a recent window of a quarter of the capacity (at most 16), and, for
-    policies with a recycle bin, a bin of an eighth (at least 1). Every other field keeps its default (the
-    papers' values: DAP thresholds, SnapKV's pooling, ...) unless the variant overrides it.
+    policies with a recycle bin, a bin of an eighth (at least 1; `bin_fraction` overrides the eighth). Every other
+    field keeps its default (the papers' values: DAP thresholds, SnapKV's pooling, ...) unless the variant
+    overrides it. A `composed` policy's halves, given by name, each get this rule too (with the variant's
+    `prune_hidden`), not their config defaults.
     """
     overrides = dict(variant.overrides)
+    for half in ("prefill", "decode"):
+        if isinstance(overrides.get(half), str):
+            overrides[half] = config_for(Variant(overrides[half], prune_hidden=variant.prune_hidden), capacity)
     bin_fraction = float(overrides.pop("bin_fraction", 1 / 8))
     return sweep_config(variant.policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
                         bin_size=max(1, int(capacity * bin_fraction)), prune_hidden=variant.prune_hidden,
@@ -198,6 +229,9 @@ class Row:
     full_kv_bytes: float = 0.0  # what a full cache of the same groups holds, per question
     visual_kept_prefill: float = 0.0  # fraction of the prompt's visual tokens left after prefill
     visual_kept_end: float = 0.0  # ... and after the last generated token
+    #: per `CELL_KINDS` kind, per question: the fraction of the asked cell's patches kept after prefill ...
+    cell_kept_prefill: dict[str, list[float]] = field(default_factory=dict)
+    cell_kept_end: dict[str, list[float]] = field(default_factory=dict)  # ... and after the last generated token
     seconds: float = 0.0
 
     @property
@@ -218,28 +252,53 @@ class Row:
         row.update({kind: round(value, 4) for kind, value in self.accuracy.items()})
         row["headline"] = round(self.headline(headline_kinds), 4)
         row["overall"] = round(self.headline(list(self.scores)), 4)
+        for kind in CELL_KINDS:
+            if kind in self.scores:  # blank for rows written before the diagnostic existed (`--merge`)
+                for when, kept in (("prefill", self.cell_kept_prefill), ("end", self.cell_kept_end)):
+                    row[f"{kind}_cell_kept_{when}"] = round(float(np.mean(kept[kind])), 4) if kind in kept else ""
         row["seconds"] = round(self.seconds, 1)
         return row
 
 
+def asked_cell_kept(example: Example, visual_positions: Sequence[int], kept: Collection[int]) -> float | None:
+    """The fraction of the patches of the cell `example` asks about (`scenes.asked_cell`; a patch belongs to the
+    cell holding its centre, `model.cell_patches`) whose logical positions are in `kept`, `visual_positions` being
+    the prompt positions of the image's patches in row-major order; None for a question about the whole scene."""
+    cell = asked_cell(example.scene, example.question)
+    if cell is None:
+        return None
+    positions = [visual_positions[patch] for patch in cell_patches(cell, example.scene.grid_size)]
+    return sum(p in kept for p in positions) / len(positions)
+
+
 class _CacheStats:
-    """Collects, per generated question, the cache's KV bytes and how many of its visual tokens survived."""
+    """Collects, per generated question, the cache's KV bytes and how many of its visual tokens survived, and, per
+    `CELL_KINDS` question, how many of the asked cell's (`asked_cell_kept`). The end of generation reads layer 0's
+    slots (`kept_positions`): for a policy with per-layer capacities its largest, with a head axis any KV head's."""
 
     def __init__(self) -> None:
         self.kv_bytes: list[float] = []
         self.visual_prefill: list[float] = []
         self.visual_end: list[float] = []
+        self.cell_prefill: dict[str, list[float]] = {}
+        self.cell_end: dict[str, list[float]] = {}
 
     def __call__(self, examples: Sequence[object], out) -> None:
         cache = out.past_key_values
         per_sequence = cache.kv_nbytes / cache.batch
         summary = hae_fx.report(cache)
-        for row in range(len(examples)):
+        now = kept_positions(cache)
+        for row, example in enumerate(examples):
             visual = set(cache.prompt_visual_positions[row])
             sequence = summary.sequences[row]
             self.kv_bytes.append(per_sequence)
             self.visual_prefill.append(len(visual.intersection(cache.prefill_kept[row])) / len(visual))
             self.visual_end.append(sequence.kept_visual / sequence.prompt_visual)
+            if isinstance(example, Example) and example.kind in CELL_KINDS:  # not a conversation
+                visual = cache.prompt_visual_positions[row]
+                self.cell_prefill.setdefault(example.kind, []).append(
+                    asked_cell_kept(example, visual, set(cache.prefill_kept[row])))
+                self.cell_end.setdefault(example.kind, []).append(asked_cell_kept(example, visual, set(now[row])))
 
 
 def _answer_group(model: torch.nn.Module, tokenizer: WordTokenizer, group: Group, batch_size: int,
@@ -281,6 +340,7 @@ def run(base: torch.nn.Module, tokenizer: WordTokenizer, variant: Variant, budge
     row.full_kv_bytes /= questions
     row.visual_kept_prefill = sum(stats.visual_prefill) / questions
     row.visual_kept_end = sum(stats.visual_end) / questions
+    row.cell_kept_prefill, row.cell_kept_end = stats.cell_prefill, stats.cell_end
     return row
 
 
@@ -344,6 +404,20 @@ def markdown_table(rows: Sequence[Row], kinds: Sequence[str]) -> str:
                  *(f"{100 * accuracy[k]:.1f}" for k in kinds), f"**{100 * row.headline(kinds):.1f}**",
                  *(f"{100 * accuracy[k]:.1f}" for k in inert)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def asked_cell_table(rows: Sequence[Row]) -> str:
+    """Per variant and budget, per `CELL_KINDS` kind: the mean fraction of the asked cell's patches kept after
+    prefill and at the end of generation ("" when no row recorded it: rows merged from older runs)."""
+    kinds = [k for k in CELL_KINDS if any(k in r.cell_kept_prefill for r in rows)]
+    if not kinds:
+        return ""
+    lines = ["| policy | budget | " + " | ".join(kinds) + " |", "|" + "---|" * (2 + len(kinds))]
+    for row in rows:
+        cells = [f"{np.mean(row.cell_kept_prefill[k]):.0%} / {np.mean(row.cell_kept_end[k]):.0%}"
+                 if k in row.cell_kept_prefill else "" for k in kinds]
+        lines.append(f"| {row.variant} | {row.budget:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -456,6 +530,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--set", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
                         help="a config field for every variant whose config has it, e.g. compensate=False (an "
                              "ablation; a Python literal; repeatable)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run hae taken apart: DAP or DDES with a baseline's other half, no visual-first, "
+                             "a greedy bin (ABLATIONS)")
     parser.add_argument("--tune", action="store_true",
                         help="tune hae's fields on the tuning split and add the chosen setting as hae_tuned")
     parser.add_argument("--tune-questions", type=int, default=300, help="tuning-split questions (conversations: half)")
@@ -486,6 +563,20 @@ def _retrieval_main():
     return module.main
 
 
+def selected_variants(args: argparse.Namespace) -> list[Variant]:
+    """The variants `--policies` names (all by default), with `--set`'s fields, then `--ablate`'s."""
+    every = variants(args.kv_dtype)
+    chosen = [v for v in every if args.policies is None or v.name in args.policies]
+    if args.set:
+        chosen = [dataclasses.replace(v, overrides=tuple((name, value) for name, value in args.set
+                                                        if name in config_fields(v.policy))) for v in chosen]
+    if args.ablate:
+        chosen += ABLATIONS
+    if not chosen and not args.tune:
+        raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> list:
     args, rest = parse_args(argv)
     if args.model == "gemma3-270m":
@@ -497,13 +588,7 @@ def main(argv: list[str] | None = None) -> list:
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
     out = args.out or RESULTS / ("accuracy_quick" if args.quick else "accuracy")
     out.mkdir(parents=True, exist_ok=True)
-    every = variants(args.kv_dtype)
-    chosen = [v for v in every if args.policies is None or v.name in args.policies]
-    if args.set:
-        chosen = [dataclasses.replace(v, overrides=tuple((name, value) for name, value in args.set
-                                                        if name in config_fields(v.policy))) for v in chosen]
-    if not chosen and not args.tune:
-        raise SystemExit(f"--policies matched none of {[v.name for v in every]}")
+    chosen = selected_variants(args)
 
     if args.merge:
         rows, tuning = [], ""
@@ -560,6 +645,10 @@ def _write_report(rows: Sequence[Row], tuning: str, out: Path, argv: list[str] |
               f"{markdown_table(rows, kinds)}\n\nBest per budget:\n\n{winners_table(rows, kinds)}\n\n"
               f"Differences (headline points, paired bootstrap over questions, {BOOTSTRAP_SAMPLES} resamples):\n\n"
               f"{differences_table(rows, kinds)}\n")
+    if cells := asked_cell_table(rows):
+        report += ("\nAsked cell's patches kept (prefill / end): per question about one cell, the share of that "
+                   "cell's image patches the cache held after prefill and after the last generated token (layer "
+                   f"0's slots), mean over the kind's questions:\n\n{cells}\n")
     print(report)
     command = " ".join(["python benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     (out / "accuracy.md").write_text(f"`{command}` ({facts})\n\n{tuning}{report}")

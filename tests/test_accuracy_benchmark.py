@@ -9,6 +9,7 @@ statistics (inert kinds, the paired bootstrap) mean what the report says.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from hae_fx.models.synthvlm import data
+from hae_fx.models.synthvlm.scenes import cells_named
 from hae_fx.policies import available, get_policy
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
@@ -55,6 +58,43 @@ def test_config_rule_is_valid_at_every_budget(accuracy_module) -> None:
             assert config.capacity == capacity and getattr(config, "prune_hidden", False) == variant.prune_hidden
 
 
+def test_ablate_adds_hae_taken_apart(accuracy_module) -> None:
+    args, _ = accuracy_module.parse_args(["--policies", "hae", "--ablate"])
+    chosen = {v.name: v for v in accuracy_module.selected_variants(args)}
+    assert list(chosen) == ["hae", "dap_streaming", "streaming_ddes", "fastv_ddes", "hae_no_visual_first",
+                            "hae_greedy_bin"]
+    config_for, Variant = accuracy_module.config_for, accuracy_module.Variant
+    for capacity in (16, 33, 95, 237):
+        alone = {name: config_for(Variant(name), capacity) for name in ("hae", "streaming", "fastv")}
+        halves = {"dap_streaming": ("hae", "streaming"), "streaming_ddes": ("streaming", "hae"),
+                  "fastv_ddes": ("fastv", "hae")}
+        for label, (prefill, decode) in halves.items():  # each half as that policy runs on its own
+            config = config_for(chosen[label], capacity)
+            assert (config.policy, config.capacity) == ("composed", capacity)
+            assert (config.prefill, config.decode) == (alone[prefill], alone[decode]), label
+            get_policy("composed")(config)  # ComposedConfig and the policy accept the pair
+        assert config_for(chosen["fastv_ddes"], capacity).prefill.prune_hidden is False  # KV-only, like `fastv`
+        assert config_for(chosen["hae_no_visual_first"], capacity) == dataclasses.replace(alone["hae"],
+                                                                                       visual_first=0.0)
+        assert config_for(chosen["hae_greedy_bin"], capacity) == dataclasses.replace(alone["hae"], bin_size=1)
+        assert alone["hae"].bin_size == max(1, capacity // 8)
+
+
+def test_asked_cell_kept_counts_the_cells_patches(accuracy_module) -> None:
+    visual = list(range(1, 145))  # `<bos>`, then the image's 144 patches (12 x 12, row-major), then the question
+    for index in range(12):
+        example = data.example_for(data.HELD_OUT, index, ("locate", "colour_at", "shape_at")[index % 3])
+        row, col = cells_named(example.question if "row" in example.question else example.answer)[0]
+        cell = {1 + (3 * row + i) * 12 + 3 * col + j for i in range(3) for j in range(3)}  # a 4 x 4 grid: 3 x 3
+        assert accuracy_module.asked_cell_kept(example, visual, set(visual)) == 1.0  # a full cache
+        assert accuracy_module.asked_cell_kept(example, visual, set(visual) - cell) == 0.0
+        top_row = {1 + 3 * row * 12 + 3 * col + j for j in range(3)}
+        assert accuracy_module.asked_cell_kept(example, visual, set(visual) - top_row) == pytest.approx(2 / 3)
+        assert accuracy_module.asked_cell_kept(example, visual, {min(cell), 0, 200}) == pytest.approx(1 / 9)
+    for kind in ("count", "exists", "describe"):  # about the whole scene
+        assert accuracy_module.asked_cell_kept(data.example_for(data.HELD_OUT, 0, kind), visual, set(visual)) is None
+
+
 #: the sweep's variants the test runs (every one costs a transform per budget): the reference, the control, `hae` in
 #: both forms and a per-layer-budget policy; every registered policy is checked to run in tests/test_policies.py
 QUICK_VARIANTS = ("full", "streaming", "hae", "hae_prune", "pyramidkv")
@@ -84,8 +124,13 @@ def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
     # full size
     layer_budgets = {v.name for v in accuracy_module.variants()
                      if get_policy(v.policy)(accuracy_module.config_for(v, 64)).layer_capacities([0, 1])}
+    assert "Asked cell's patches kept (prefill / end)" in (tmp_path / "accuracy.md").read_text()
+    for kind in accuracy_module.CELL_KINDS:
+        assert float(full[f"{kind}_cell_kept_prefill"]) == float(full[f"{kind}_cell_kept_end"]) == 1.0
     for (name, budget), row in by_key.items():
         assert float(row["kv_fraction"]) == pytest.approx(budget, abs=0.01)
+        for kind in accuracy_module.CELL_KINDS:
+            assert 0.0 <= float(row[f"{kind}_cell_kept_end"]) <= float(row[f"{kind}_cell_kept_prefill"]) <= 1.0
         assert 0.0 <= float(row["visual_kept_end"]) <= float(row["visual_kept_prefill"]) <= 1.0
         if name in layer_budgets:  # and its "visual kept" reads layer 0, its largest
             continue
@@ -141,7 +186,9 @@ def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: 
         out.kv_bytes, out.full_kv_bytes = budget, 1.0
         return out
 
-    first = saved("a", [row("full", 1.0, [1, 1], [1, 1]), row("hae", 0.5, [1, 0], [1, 1])], "tuning table\n\n")
+    hae = row("hae", 0.5, [1, 0], [1, 1])
+    hae.cell_kept_prefill, hae.cell_kept_end = {"locate": [1.0, 0.5]}, {"locate": [0.5, 0.0]}
+    first = saved("a", [row("full", 1.0, [1, 1], [1, 1]), hae], "tuning table\n\n")
     second = saved("b", [row("streaming", 0.5, [0, 0], [1, 0])])
     rows = accuracy_module.main(["--merge", f"{first},{second}", "--out", str(tmp_path / "out")])
     assert [r.variant for r in rows] == ["full", "hae", "streaming"]
@@ -149,4 +196,5 @@ def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: 
     assert "tuning table" in report
     assert "Inert kinds (every variant, every budget, the same per-question scores): count." in report
     assert "| hae vs streaming | 50% | hae 75.0 | streaming 25.0 | +50.0 |" in report
+    assert "| hae | 50% | 75% / 25% |" in report and "| streaming | 50% |  |" in report  # merged without it
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0

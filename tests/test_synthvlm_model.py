@@ -31,6 +31,8 @@ from hae_fx.models.synthvlm.scenes import (
     answer_from_scene,
     cells_named,
     make_question,
+    random_scene,
+    render,
 )
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer
 
@@ -190,6 +192,36 @@ def test_prompt_batch_left_pads_to_width() -> None:
     assert pixels.shape == (6, 3, 96, 96) and pixels.min() >= -1.0 and pixels.max() <= 1.0
     with pytest.raises(ValueError, match="longer than width"):
         data.prompt_batch(tokenizer, examples, width=longest - 1)
+
+
+@pytest.mark.parametrize("grid_size", [3, 4, 5, 6, 7])
+def test_cell_patches_partition_the_image(grid_size: int) -> None:
+    side = synthvlm.IMAGE_SIZE // synthvlm.PATCH_SIZE
+    cells = [(r, c) for r in range(grid_size) for c in range(grid_size)]
+    patches = [synthvlm.cell_patches(cell, grid_size) for cell in cells]
+    assert sorted(p for ps in patches for p in ps) == list(range(synthvlm.VISUAL_TOKENS))  # each patch in one cell
+    assert all((side // grid_size) ** 2 <= len(ps) <= math.ceil(side / grid_size) ** 2 for ps in patches)
+
+
+@pytest.mark.parametrize("grid_size", [3, 4, 6])
+def test_cell_patches_hold_every_pixel_of_the_cells_shape(grid_size: int) -> None:
+    """On grids whose cells are whole patches, a rendered object's saturated pixels fall in its cell's patches
+    (patch index: pixel row // patch size, column // patch size, row-major), and those patches lie inside the cell."""
+    patch, side = synthvlm.PATCH_SIZE, synthvlm.IMAGE_SIZE // synthvlm.PATCH_SIZE
+    cell_px = synthvlm.IMAGE_SIZE // grid_size
+    for seed in range(5):
+        scene = random_scene(seed, grid_size=grid_size)
+        pixels = np.asarray(render(scene)).astype(int)
+        saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 60
+        for (row, col) in scene.objects:
+            ys, xs = np.nonzero(saturated[row * cell_px:(row + 1) * cell_px, col * cell_px:(col + 1) * cell_px])
+            touched = {((row * cell_px + y) // patch) * side + (col * cell_px + x) // patch
+                       for y, x in zip(ys, xs, strict=True)}
+            cell = synthvlm.cell_patches((row, col), grid_size)
+            assert touched and touched <= set(cell)
+            assert len(cell) == (cell_px // patch) ** 2
+            assert all(row * cell_px <= (p // side) * patch < (row + 1) * cell_px and
+                       col * cell_px <= (p % side) * patch < (col + 1) * cell_px for p in cell)
 
 
 # ----------------------------------------------------------------------------------------------------- training

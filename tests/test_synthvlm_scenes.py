@@ -24,7 +24,7 @@ from hae_fx.models.synthvlm import (
     random_scene,
     render,
 )
-from hae_fx.models.synthvlm.scenes import number_word
+from hae_fx.models.synthvlm.scenes import EMPTY_ANSWER, asked_cell, number_word
 from hae_fx.models.synthvlm.tokenizer import normalise
 
 
@@ -109,6 +109,29 @@ def test_locate_only_asks_about_unique_objects() -> None:
         if question.startswith("where"):
             colour, shape = question.split()[3:5]
             assert list(scene.objects.values()).count((colour, shape)) == 1
+
+
+@pytest.mark.parametrize("grid_size", [3, 4, 5])
+def test_asked_cell_is_the_only_cell_the_answer_depends_on(grid_size: int) -> None:
+    for seed in range(100):
+        scene = random_scene(seed, grid_size=grid_size)
+        for kind in QUESTION_KINDS:
+            question, answer = make_question(scene, kind, seed)
+            cell = asked_cell(scene, question)
+            if kind in ("count", "exists", "describe"):
+                assert cell is None, question
+                continue
+            assert 0 <= min(cell) and max(cell) < grid_size
+            # the answer survives removing every other object, and not removing the asked cell's
+            alone = Scene(grid_size, {cell: scene.objects[cell]} if cell in scene.objects else {})
+            assert answer_from_scene(alone, question) == answer, question
+            without = Scene(grid_size, {c: obj for c, obj in scene.objects.items() if c != cell})
+            if question.startswith("where"):
+                assert answer == f"row {cell[0] + 1} column {cell[1] + 1}"
+                with pytest.raises(ValueError, match="0 matching objects"):
+                    answer_from_scene(without, question)
+            else:
+                assert answer_from_scene(without, question) == EMPTY_ANSWER
 
 
 def test_describe_length_in_range() -> None:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from hae_fx.models.synthvlm.scenes import DEFAULT_IMAGE_SIZE
+from hae_fx.models.synthvlm.scenes import DEFAULT_IMAGE_SIZE, Cell
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer, build_vocab
 
 IMAGE_SIZE = DEFAULT_IMAGE_SIZE
@@ -100,3 +100,17 @@ def pixel_values(images: Sequence[Image.Image] | np.ndarray | torch.Tensor) -> t
 def prompt_ids(tokenizer: WordTokenizer, question: str) -> list[int]:
     """`<bos>`, one image's placeholders, then the question: the prompt layout SynthVLM was trained on."""
     return [tokenizer.bos_id, *([tokenizer.image_id] * VISUAL_TOKENS), *tokenizer.encode(question)]
+
+
+def cell_patches(cell: Cell, grid_size: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> list[int]:
+    """Indices, among an image's visual tokens (patches in row-major order), of the patches of scene cell `cell` of
+    a `grid_size` grid: those whose centre lies in the cell (so every patch belongs to exactly one cell, also when
+    cells and patches do not align)."""
+    side = image_size // patch_size
+    cell_px = image_size / grid_size
+
+    def cell_of(patch: int) -> int:  # the cell row (column) holding a patch row's (column's) centre
+        return int((patch + 0.5) * patch_size // cell_px)
+
+    row, col = cell
+    return [r * side + c for r in range(side) if cell_of(r) == row for c in range(side) if cell_of(c) == col]

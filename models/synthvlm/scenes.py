@@ -242,9 +242,27 @@ def question_about(scene: Scene, cell: Cell, kind: str) -> tuple[str, str]:
     raise ValueError(f"question_about asks colour_at or shape_at, not {kind!r}")
 
 
+_LOCATE = re.compile(r"where is the (\w+) (\w+) \?")  # a `locate` question: the colour and shape it asks for
+
+
 def cells_named(question: str) -> list[Cell]:
     """The cells a question or answer names ("row R column C"), 0-based, in order."""
     return [_cell_from_text(r, c) for r, c in re.findall(r"row (\d+) column (\d+)", question)]
+
+
+def asked_cell(scene: Scene, question: str) -> Cell | None:
+    """The one cell a question is about, 0-based: the cell a `colour_at` or `shape_at` question names, or the cell
+    holding the object a `locate` question asks for; None for a question about the whole scene (`count`, `exists`,
+    `describe`). Which image patches a policy must keep to answer it (`model.cell_patches`)."""
+    named = cells_named(question)
+    if named:
+        return named[0]
+    if m := _LOCATE.fullmatch(" ".join(question.lower().split())):
+        cells = [cell for cell, obj in scene.objects.items() if obj == m.groups()]
+        if len(cells) != 1:
+            raise ValueError(f"{question!r} has {len(cells)} matching objects; locate needs exactly one")
+        return cells[0]
+    return None
 
 
 def _q_attribute_at(scene: Scene, rng: np.random.Generator, kind: str) -> tuple[str, str]:
