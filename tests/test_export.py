@@ -6,7 +6,8 @@ refusal of a package that must not run.
 AOTInductor compiles take about a minute per package on 2 cores, so each package is built once per module: tiny
 LLaVA (its vision tower inside the package) for `full`, `streaming` and `hae`, and a windowed text model
 (mistral with a sliding window: its layers keep rings) through the command line for `hae`; Aya Vision and Janus
-for `full` (one package each). The reference is the `transform()` path on a fresh copy of the same model (the
+for `full`, and four text families of tests/families.py for `hae` (one package each); Llama 4 is refused before any
+compile. The reference is the `transform()` path on a fresh copy of the same model (the
 eager-reference compiler: the rewritten graphs run without Inductor).
 """
 
