@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.exc import UserError, UserErrorType
 
 from hae_fx import deploy_runner
 from hae_fx.backend import rewrite_graph
@@ -207,10 +208,23 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
     roles their example values carry).
 
     Raises:
+        HAEUnsupportedModelError: the model's forward does not trace with a dynamic prompt length (torch.export
+            found a shape guard on it that it cannot prove for every length, e.g. in Llama 4's mixture-of-experts
+            layers).
         HAESiteError: the decode graph's attention over the cache slots was not rewritten (it would attend over
             every slot under the model's own mask).
     """
-    program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except UserError as error:
+        if error.error_type != UserErrorType.CONSTRAINT_VIOLATION:
+            raise
+        guard = next((line.strip(" -.") for line in str(error).splitlines() if "guard" in line), str(error))
+        raise HAEUnsupportedModelError(
+            f"{module.model.config.model_type}'s {name} program does not trace with a dynamic prompt length: "
+            f"torch.export specializes it ({guard}); export supports models whose forward keeps the sequence "
+            "length symbolic (TORCH_LOGS=+dynamic shows the model's line that adds the guard)"
+        ) from error
     record = rewrite_graph(program.graph_module, _role_inputs(program, torch.utils._pytree.tree_leaves(args)))
     if name == "decode" and (record.report is None or not record.report.layers):
         raise HAESiteError("the exported decode graph has no attention over the HAECache slots to rewrite; "

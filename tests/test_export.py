@@ -6,7 +6,8 @@ refusal of a package that must not run.
 AOTInductor compiles take about a minute per package on 2 cores, so each package is built once per module: tiny
 LLaVA (its vision tower inside the package) for `full`, `streaming` and `hae`, and a windowed text model
 (mistral with a sliding window: its layers keep rings) through the command line for `hae`; Aya Vision and Janus
-for `full` (one package each). The reference is the `transform()` path on a fresh copy of the same model (the
+for `full`, and four text families of tests/families.py for `hae` (one package each); Llama 4 is refused before any
+compile. The reference is the `transform()` path on a fresh copy of the same model (the
 eager-reference compiler: the rewritten graphs run without Inductor).
 """
 
@@ -27,6 +28,7 @@ import torch
 import hae_fx
 from hae_fx import deploy_runner
 from hae_fx.cli import policy_config
+from hae_fx.export import cache_tensors
 from hae_fx.models.llava import llava_prompt, tiny_llava
 from hae_fx.policies import sweep_config
 from tests.conftest import llava_inputs
@@ -264,6 +266,47 @@ def test_vlm_family_package_generates_transform_tokens(name, tmp_path):
     runner = hae_fx.load(path, expect_config=config)
     assert runner.metadata["image_input"] == "pixel_values"
     assert torch.equal(runner.generate(**inputs, max_new_tokens=NEW_TOKENS), expected)
+
+
+# -- text decoders of tests/families.py whose layouts differ where export could break -----------------------------
+#: gemma3-text: per-layer-type masks (sliding and full), six sliding layers keeping rings to one global, the
+#: embedding scale, q/k norms; gpt2: no rotary, learned positions read from `position_ids` (wrong positions of the
+#: left-padded row change its tokens), Conv1D and one fused qkv; gpt-neox: parallel attention and MLP, rotary on a
+#: quarter of each head (partial), fused qkv; falcon-multi-query: one KV head for every query head
+TEXT_FAMILIES = ["gemma3-text", "gpt2", "gpt-neox", "falcon-multi-query"]
+
+
+@pytest.mark.parametrize("name", TEXT_FAMILIES)
+def test_text_family_package_generates_transform_tokens(name, tmp_path):
+    """With `hae` (decode evicts: 12 + 16 tokens through 24 slots), the package's tokens for a left-padded batch of
+    2 equal the `transform()` path's, its cache ends in the same state (the same positions in every slot and ring,
+    the same keys, values and scores), and the tokens before the cache fills are HF's own."""
+    family = BY_NAME[name]
+    inputs = family.inputs(batch=2)
+    config = CONFIGS["hae"]
+    path = hae_fx.export(family.build(), inputs, tmp_path / f"{name}.pt2", config, max_prompt_len=MAX_PROMPT)
+    model = hae_fx.transform(family.build(), config, options=EAGER)
+    cache = hae_fx.HAECache.for_model(model, config, batch=2)
+    expected = model.generate(**inputs, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
+    runner = hae_fx.load(path, expect_config=config)
+    assert not runner.metadata["image_input"]
+    assert torch.equal(runner.generate(**inputs, max_new_tokens=NEW_TOKENS), expected)
+    assert int(_seen(runner).min()) > config.capacity  # eviction ran
+    for tensor, value in zip(cache_tensors(cache), runner.cache, strict=True):
+        torch.testing.assert_close(value, tensor.get(), atol=1e-4, rtol=1e-4, msg=tensor.name)
+    unevicted = 8  # new tokens while every row's prompt and tokens fit in the slots
+    hf = family.build().generate(**inputs, max_new_tokens=unevicted, do_sample=False)
+    assert torch.equal(expected[:, : hf.shape[1]], hf)
+
+
+def test_export_refuses_a_model_without_a_dynamic_prompt_length(tmp_path):
+    """Llama 4's mixture-of-experts layers reshape the routed tokens in a way torch.export cannot keep symbolic in
+    the prompt length: refused by name before any compile."""
+    family = BY_NAME["llama4-chunked"]
+    with pytest.raises(hae_fx.HAEUnsupportedModelError,
+                       match="llama4_text's prefill program does not trace with a dynamic prompt length"):
+        hae_fx.export(family.build(), family.inputs(batch=2), tmp_path / "llama4.pt2", CONFIGS["hae"],
+                      max_prompt_len=MAX_PROMPT)
 
 
 # -- a text model through the command line, and the C++ runner ---------------------------------------------------
