@@ -115,3 +115,21 @@ def _run(policy_name, scenario):
 @given(scenario=scenarios())
 def test_slot_invariants_hold_for_every_policy(policy_name, scenario):
     _run(policy_name, scenario)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 4), size=st.integers(1, 40), levels=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_index_reductions_keep_the_arg_reductions_tie_rule(rows, size, levels, seed):
+    """`first_index`, `argmin_first` and `argmax_first` (the slot choices' min-reductions over indices) equal
+    torch's `argmax`/`argmin`, whose ties go to the first index, on values with many ties, masks with no True, and
+    ±inf."""
+    from hae_fx.policies.base import argmax_first, argmin_first, first_index
+
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, levels, (rows, size), generator=generator).to(torch.float32)
+    values[0] = torch.where(values[0] == 0, torch.inf, values[0])
+    mask = values > levels / 2
+    assert torch.equal(first_index(mask), mask.to(torch.int8).argmax(dim=-1))
+    assert torch.equal(argmin_first(values), values.argmin(dim=-1))
+    assert torch.equal(argmax_first(values), values.argmax(dim=-1))
+    assert torch.equal(argmax_first(values.long().clamp(max=9)), values.long().clamp(max=9).argmax(dim=-1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from hae_fx.ops.slot_write import write_slots
+from hae_fx.policies.base import argmax_first
 
 
 def merge_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -30,7 +31,7 @@ def merge_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     unit = torch.nn.functional.normalize(keys, dim=-1)
     similarity = unit @ unit.gather(2, index).transpose(-1, -2)  # [B, Hkv, T, K]
     similarity = similarity.masked_fill(~kept_real.view(batch, 1, 1, kept_len), -torch.inf)
-    best, target = similarity.max(dim=-1)  # first maximum: the lower slot
+    best, target = similarity.amax(dim=-1), argmax_first(similarity)  # first maximum: the lower slot
     best = torch.where(dropped, best, 0.0)
     threshold = best.sum(dim=-1, keepdim=True) / dropped.sum(dim=-1, keepdim=True).clamp_min(1)
     merged = dropped & (best >= threshold)

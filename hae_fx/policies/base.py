@@ -93,9 +93,32 @@ def slot_index(slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return rows.view(-1, 1), torch.arange(slot.shape[1], device=slot.device).view(1, -1), slot
 
 
+def first_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True along the last dimension of `mask` (0 where there is none): `argmax`'s tie rule,
+    computed as a min-reduction over indices.
+
+    Why not an arg-reduction: the slot a step chooses decides which token a cache loses, so it must be right under
+    every compiler, and Inductor's CUDA arg-reductions have had silent bugs (pytorch/pytorch#174069 on bool inputs,
+    #178964 fused with another reduction). An `amin` over indices has no index bookkeeping of its own to get wrong.
+    """
+    size = mask.shape[-1]
+    first = torch.where(mask, torch.arange(size, device=mask.device), size).amin(dim=-1)
+    return torch.where(first < size, first, 0)
+
+
+def argmin_first(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmin(dim=-1)` (the first of equal minima) through `first_index`."""
+    return first_index(values == values.amin(dim=-1, keepdim=True))
+
+
+def argmax_first(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(dim=-1)` (the first of equal maxima) through `first_index`."""
+    return first_index(values == values.amax(dim=-1, keepdim=True))
+
+
 def first_free_slot(slot_pos: torch.Tensor) -> torch.Tensor:
     """`[B]` index of each row's first free slot (`slot_pos < 0`); 0 for a row without one."""
-    return (slot_pos < 0).to(torch.int8).argmax(dim=-1)
+    return first_index(slot_pos < 0)
 
 
 def protected_slots(config: PolicyConfig, slot_pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -123,7 +146,7 @@ def prefill_protected(config: PolicyConfig, prompt: Prompt) -> torch.Tensor:
 def last_query_row(prompt: Prompt, attention: torch.Tensor) -> torch.Tensor:
     """`[B, T]`: the attention row (`attention`: `[B, T, T]`) of each sequence's last real prompt token (with left
     padding, the last index)."""
-    rows = prompt.token_pos.argmax(dim=-1).view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
+    rows = argmax_first(prompt.token_pos).view(-1, 1, 1).expand(-1, 1, attention.shape[-1])
     return attention.gather(1, rows).squeeze(1)
 
 
@@ -140,7 +163,7 @@ def lowest(candidates: torch.Tensor, key: torch.Tensor, slot_pos: torch.Tensor) 
     candidates gets slot 0."""
     smallest = torch.where(candidates, key, torch.inf).amin(dim=-1, keepdim=True)
     tied = candidates & (key == smallest)
-    return torch.where(tied, slot_pos, torch.iinfo(slot_pos.dtype).max).argmin(dim=-1)
+    return argmin_first(torch.where(tied, slot_pos, torch.iinfo(slot_pos.dtype).max))
 
 
 class Policy:

@@ -9,7 +9,7 @@ import torch
 
 from hae_fx.config import PolicyConfig
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import NEVER_KEEP, Policy, Prompt, SlotState
+from hae_fx.policies.base import NEVER_KEEP, Policy, Prompt, SlotState, argmax_first
 
 
 @dataclass(frozen=True)
@@ -37,4 +37,4 @@ class FullPolicy(Policy):
     def decode_victim(self, state: SlotState) -> torch.Tensor:
         # Unreachable through `generate` (capacity is checked first); overwriting the newest slot keeps the
         # shape contract if a caller drives the model past capacity by hand.
-        return state.slot_pos.argmax(-1)
+        return argmax_first(state.slot_pos)

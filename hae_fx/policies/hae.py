@@ -29,7 +29,17 @@ from hae_fx.config import (
 from hae_fx.errors import HAEConfigError, HAESiteError
 from hae_fx.modality import VISUAL
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, fill_prefix, first_free_slot
+from hae_fx.policies.base import (
+    MUST_KEEP,
+    NEVER_KEEP,
+    Policy,
+    Prompt,
+    SlotState,
+    argmax_first,
+    argmin_first,
+    fill_prefix,
+    first_free_slot,
+)
 
 SCORE_SOURCES = ("layers_mean", "dap_layer")
 
@@ -256,7 +266,8 @@ def ddes_maintain(config: HAEConfig, state: SlotState) -> None:
     binned = occupied & (in_bin != 0)
     candidates = occupied & ~binned & ~protected
     lowest_candidate = torch.where(candidates, score, torch.inf).amin(dim=-1)
-    best_binned_score, best_binned = torch.where(binned, score, -torch.inf).max(dim=-1)
+    binned_score = torch.where(binned, score, -torch.inf)
+    best_binned_score, best_binned = binned_score.amax(dim=-1), argmax_first(binned_score)
     restore = best_binned_score > lowest_candidate  # False when the bin or the candidates are empty
     _set_where(in_bin, rows, best_binned, restore, 0)
 
@@ -280,8 +291,9 @@ def htv_victim(candidates: torch.Tensor, score: torch.Tensor, modality: torch.Te
     visual = candidates & (modality == VISUAL)
     text = candidates & (modality != VISUAL)
     text_mean = (score * text).sum(dim=-1) / text.sum(dim=-1).clamp_min(1)
-    lowest_visual_score, lowest_visual = torch.where(visual, score, torch.inf).min(dim=-1)
-    lowest = torch.where(candidates, score, torch.inf).argmin(dim=-1)
+    visual_score = torch.where(visual, score, torch.inf)
+    lowest_visual_score, lowest_visual = visual_score.amin(dim=-1), argmin_first(visual_score)
+    lowest = argmin_first(torch.where(candidates, score, torch.inf))
     visual_first_now = visual.any(dim=-1) & (~text.any(dim=-1) | (lowest_visual_score < visual_first * text_mean))
     return torch.where(visual_first_now, lowest_visual, lowest)
 

@@ -13,7 +13,7 @@ import torch
 
 from hae_fx.config import PolicyConfig
 from hae_fx.policies import register_policy
-from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState
+from hae_fx.policies.base import MUST_KEEP, NEVER_KEEP, Policy, Prompt, SlotState, argmin_first
 
 
 @dataclass(frozen=True)
@@ -38,4 +38,4 @@ class StreamingPolicy(Policy):
         # the oldest slot that is not a sink
         slot_pos = state.slot_pos
         age_key = torch.where(slot_pos < self.config.sinks, torch.iinfo(slot_pos.dtype).max, slot_pos)
-        return age_key.argmin(-1)
+        return argmin_first(age_key)
