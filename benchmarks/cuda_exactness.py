@@ -165,13 +165,17 @@ def run_path(name: str, config, inputs: dict, new_tokens: int, capacity: int, de
 
 
 def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: int, new_tokens: int, device: str,
-            dtype: torch.dtype, tolerance: float) -> dict:
+            dtype: torch.dtype, tolerance: float, out: Path) -> dict:
+    """Run `paths` in order, writing the result to `out` and printing each path's summary as it completes (a run
+    cut short keeps the paths done)."""
     config, inputs = model_and_inputs(model, tiny, text_layers, batch, device, dtype)
     prompt = inputs["input_ids"].shape[1]
     result: dict = {"model": model, "tiny": tiny, "text_layers": text_layers, "batch": batch, "prompt": prompt,
                     "new_tokens": new_tokens, "dtype": str(dtype), "tolerance": tolerance,
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "paths": {}}
+    print(f"{model} ({text_layers} text layers, batch {batch}, prompt {prompt}, {dtype}, {result['device']}, "
+          f"torch {torch.__version__})", flush=True)
     hf_logits: list[torch.Tensor] = []
     reference_states: list[State] = []
     for name in paths:
@@ -182,8 +186,10 @@ def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: i
         for n, (logits, state) in enumerate(runs, start=1):
             entry: dict = {"n": n}
             if hf_logits:
-                entry["max_abs_dlogit"] = [(step - ref).abs().max().item()
-                                           for step, ref in zip(logits, hf_logits, strict=False)]
+                pairs = list(zip(logits, hf_logits, strict=False))
+                entry["max_abs_dlogit"] = [(step - ref).abs().max().item() for step, ref in pairs]
+                entry["argmax_equal_hf"] = "".join("y" if torch.equal(step.argmax(-1), ref.argmax(-1)) else "n"
+                                                   for step, ref in pairs)
             if state is not None:
                 entry["placement"] = placement(previous, state)
                 entry["step_slot"] = [slot.tolist() for slot in state["step_slot"]] if n > 1 else None
@@ -197,6 +203,9 @@ def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: i
         first = next(({"n": entry["n"], **entry["divergences"][0]} for entry in per_n if entry.get("divergences")),
                       None)
         result["paths"][name] = {"per_n": per_n, "first_divergence_from_hae_eager": first}
+        out.write_text(json.dumps(result, indent=1))
+        if lines := summary(result, name):
+            print("\n".join(lines), flush=True)
         del runs, previous
         gc.collect()
         if device == "cuda":
@@ -204,26 +213,25 @@ def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: i
     return result
 
 
-def summary(result: dict) -> list[str]:
-    lines = [f"{result['model']} ({result['text_layers']} text layers, batch {result['batch']}, prompt "
-             f"{result['prompt']}, {result['dtype']}, {result['device']}, torch {result['torch']})"]
-    for name, path in result["paths"].items():
-        last = path["per_n"][-1]
-        if "max_abs_dlogit" in last and name != "hf":
-            lines.append(f"  {name}: max |Δlogit| vs hf per step " + ", ".join(f"{d:.2g}" for d in
-                                                                                last["max_abs_dlogit"]))
-        first = path["first_divergence_from_hae_eager"]
-        if name in ("hf", "hae_eager"):
-            continue
-        if first is None:
-            lines.append("    cache state equals hae_eager's after every step")
-            continue
-        step = "the prefill" if first["n"] == 1 else f"decode step {first['n'] - 1}"
-        lines.append(f"    first divergence from hae_eager: after {step} (n={first['n']}): {describe(first)}")
-        entry, reference = path["per_n"][first["n"] - 1], result["paths"]["hae_eager"]["per_n"][first["n"] - 1]
-        layer, row = first["layer"] or 0, first["row"] or 0
-        lines.append(f"    its write at layer {layer} row {row}: {entry['placement'][layer][row][:4]}; "
-                     f"hae_eager's: {reference['placement'][layer][row][:4]}")
+def summary(result: dict, name: str) -> list[str]:
+    """Path `name`'s lines of the summary: its logits against HF's at n = N, and its first divergence."""
+    path = result["paths"][name]
+    if name == "hf":
+        return []
+    last = path["per_n"][-1]
+    lines = [f"  {name}: max |Δlogit| vs hf per step " + ", ".join(f"{d:.2g}" for d in last["max_abs_dlogit"])
+             + f"; greedy tokens equal hf's at steps {last['argmax_equal_hf']}"]
+    if name == "hae_eager":
+        return lines
+    first = path["first_divergence_from_hae_eager"]
+    if first is None:
+        return [*lines, "    cache state equals hae_eager's after every step"]
+    step = "the prefill" if first["n"] == 1 else f"decode step {first['n'] - 1}"
+    lines.append(f"    first divergence from hae_eager: after {step} (n={first['n']}): {describe(first)}")
+    entry, reference = path["per_n"][first["n"] - 1], result["paths"]["hae_eager"]["per_n"][first["n"] - 1]
+    layer, row = first["layer"] or 0, first["row"] or 0
+    lines.append(f"    what it wrote at layer {layer} row {row}: {entry['placement'][layer][row][:4]}; "
+                 f"hae_eager: {reference['placement'][layer][row][:4]}")
     return lines
 
 
@@ -245,13 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     chosen = set(args.paths or PATHS) | {"hf", "hae_eager"}
     paths = [p for p in PATHS if p in chosen and (args.device == "cuda" or p != "hae_inductor_cudagraphs")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     # every path compiles from scratch: no graph of an earlier run or path is reused
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        result = measure(args.model, paths, args.tiny, args.text_layers, args.batch, args.new_tokens, args.device,
-                         getattr(torch, args.dtype), args.tolerance)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print("\n".join(summary(result)), flush=True)
+        measure(args.model, paths, args.tiny, args.text_layers, args.batch, args.new_tokens, args.device,
+                getattr(torch, args.dtype), args.tolerance, args.out)
 
 
 if __name__ == "__main__":
