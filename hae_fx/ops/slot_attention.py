@@ -23,7 +23,6 @@ from collections.abc import Iterator
 
 import torch
 import torch._functorch.config
-import torch._inductor.config
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -47,16 +46,15 @@ def reference_attention() -> Iterator[None]:
     measurements (is a difference the kernel's, or the graph's around it?).
 
     `uses_fused_kernel` decides when a graph is traced, so the compile (the first generate of a transformed model)
-    must happen inside the block, and the graphs keep their choice afterwards. Inductor's and AOTAutograd's compile
-    caches are off while active: AOTAutograd keys its cache by the graph before the op is traced, which does not
-    see this switch, and would hand back a graph compiled with the kernel.
+    must happen inside the block, and the graphs keep their choice afterwards. AOTAutograd's compile cache is off
+    while active: it keys a graph as it was before the op was traced, which does not show this switch, and could
+    hand back a graph compiled with the kernel (Inductor's FX graph cache keys the traced graph, which does).
     """
     global _reference_only
     previous = _reference_only
     _reference_only = True
     try:
-        with torch._inductor.config.patch(fx_graph_cache=False), \
-                torch._functorch.config.patch(enable_autograd_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
             yield
     finally:
         _reference_only = previous
