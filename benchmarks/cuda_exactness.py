@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import gc
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -76,13 +77,14 @@ def cache_state(cache: HAECache, tokens: torch.Tensor) -> State:
 
 def compare_states(reference: State, state: State, tolerance: float) -> tuple[list[dict], list[dict]]:
     """Divergences of `state` from `reference` (each `{"layer", "row", "kind", "positions", ...}`, layer None for
-    the tokens and `seen`), in report order (`KINDS` within a layer), and per layer the largest |ΔK| and |ΔV| over
-    the positions both hold."""
+    the tokens fed to the decode steps and `seen`), in report order (`KINDS` within a layer), and per layer the
+    largest |ΔK| and |ΔV| over the positions both hold."""
     found: list[dict] = []
-    if not torch.equal(reference["tokens"], state["tokens"]):
-        differ = (reference["tokens"] != state["tokens"]).nonzero().tolist()
-        found.append({"layer": None, "row": differ[0][0], "kind": "tokens", "positions": [],
-                      "detail": f"first different token at row {differ[0][0]}, new token {differ[0][1]}"})
+    fed, reference_fed = state["tokens"][:, :-1], reference["tokens"][:, :-1]  # the tokens decode steps consumed
+    if not torch.equal(reference_fed, fed):
+        row, step = (reference_fed != fed).nonzero()[0].tolist()
+        found.append({"layer": None, "row": row, "kind": "tokens", "positions": [],
+                      "detail": f"decode step {step + 1} was fed another token (the cache differs as a consequence)"})
     if not torch.equal(reference["seen"], state["seen"]):
         found.append({"layer": None, "row": None, "kind": "seen", "positions": [],
                       "detail": f"seen {state['seen'].tolist()}, reference {reference['seen'].tolist()}"})
@@ -179,7 +181,14 @@ def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: i
     hf_logits: list[torch.Tensor] = []
     reference_states: list[State] = []
     for name in paths:
-        runs = run_path(name, config, inputs, new_tokens, prompt + new_tokens, device, dtype)
+        started = time.perf_counter()
+        try:
+            runs = run_path(name, config, inputs, new_tokens, prompt + new_tokens, device, dtype)
+        except Exception as error:  # a path that fails to compile or run must not cost the others their results
+            result["paths"][name] = {"error": f"{type(error).__name__}: {error}"}
+            out.write_text(json.dumps(result, indent=1))
+            print(f"  {name}: failed: {result['paths'][name]['error'][:2000]}", flush=True)
+            continue
         if name == "hf":
             hf_logits = runs[-1][0]
         per_n, previous = [], None
@@ -202,7 +211,9 @@ def measure(model: str, paths: list[str], tiny: bool, text_layers: int, batch: i
             per_n.append(entry)
         first = next(({"n": entry["n"], **entry["divergences"][0]} for entry in per_n if entry.get("divergences")),
                       None)
-        result["paths"][name] = {"per_n": per_n, "first_divergence_from_hae_eager": first}
+        result["paths"][name] = {"per_n": per_n, "first_divergence_from_hae_eager": first,
+                                 "compared_with_hae_eager": bool(reference_states) and name != "hae_eager",
+                                 "seconds": time.perf_counter() - started}
         out.write_text(json.dumps(result, indent=1))
         if lines := summary(result, name):
             print("\n".join(lines), flush=True)
@@ -219,10 +230,15 @@ def summary(result: dict, name: str) -> list[str]:
     if name == "hf":
         return []
     last = path["per_n"][-1]
-    lines = [f"  {name}: max |Δlogit| vs hf per step " + ", ".join(f"{d:.2g}" for d in last["max_abs_dlogit"])
+    if "max_abs_dlogit" not in last:  # hf failed
+        return [f"  {name}: ran in {path['seconds']:.0f} s; no hf logits to compare with"]
+    lines = [f"  {name} ({path['seconds']:.0f} s): max |Δlogit| vs hf per step "
+             + ", ".join(f"{d:.2g}" for d in last["max_abs_dlogit"])
              + f"; greedy tokens equal hf's at steps {last['argmax_equal_hf']}"]
     if name == "hae_eager":
         return lines
+    if not path["compared_with_hae_eager"]:
+        return [*lines, "    no hae_eager state to compare with"]
     first = path["first_divergence_from_hae_eager"]
     if first is None:
         return [*lines, "    cache state equals hae_eager's after every step"]
