@@ -53,7 +53,8 @@ HAE_PATHS: dict[str, tuple[str | None, dict | None, bool]] = {
     "hae_inductor_cudagraphs": ("reduce-overhead", None, False),
     "hae_inductor_reference_attention": ("default", None, True),
 }
-#: the order divergences of one layer are reported in: where the tokens are, then what they hold
+#: the order of the divergences reported for one layer: which positions it holds, then their K/V rows (the fed
+#: tokens and `seen`, which concern every layer, come first)
 KINDS = ("tokens", "seen", "missing", "extra", "duplicated", "keys", "values")
 
 #: one cache state: `layers` (per layer `positions [B, S]`, `keys`/`values [B, Hkv, S, D]`), `seen [B]`, the last
