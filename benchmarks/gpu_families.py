@@ -12,6 +12,8 @@ apart), CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes 
         --mode default --configs full --batch 2 --new-tokens 32 --out DIR   # which side a logits gap comes from
     (`--hae-compiler eager` in place of `--mode default`: hae's reference ops, no Triton kernel, no CUDA graphs)
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
+
+`--model llava7b` runs LLaVA-1.5-7B's shapes (benchmarks/speed.py's model) the same way.
 """
 
 from __future__ import annotations
@@ -24,11 +26,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 import hae_fx
+from hae_fx.models.llava import tiny_llava_config, visual_token_count
 
 IMAGE = 151655  # Qwen2.5-VL's image pad id; Gemma 3 uses its own (262144)
+
+
+def llava7b_config(tiny: bool) -> LlavaConfig:
+    """LLaVA-1.5-7B's shapes (ViT-L/14 at 336 px: 576 visual tokens; Llama-2-7B: 32 layers, 32 heads, 4096 hidden);
+    `tiny`: the tiny LLaVA of the tests, with attention spread out as a trained model's (`tiny_llava_config`)."""
+    if tiny:
+        return tiny_llava_config(text_layers=2, initializer_range=0.2)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+def llava_inputs(config, batch: int, device: str, tiny: bool) -> dict:
+    size = config.vision_config.image_size
+    return _prompt(batch, device, [config.image_token_id] * visual_token_count(config),
+                   extra={"pixel_values": torch.randn(batch, 3, size, size, generator=_generator())},
+                   vocab=min(config.text_config.vocab_size - 8, 30000))
 
 
 def qwen2_5_vl_config(tiny: bool) -> object:
@@ -80,6 +112,7 @@ def gemma3_inputs(config, batch: int, device: str, tiny: bool) -> dict:
 
 
 MODELS: dict[str, tuple[Callable, Callable]] = {
+    "llava7b": (llava7b_config, llava_inputs),
     "qwen2_5_vl_7b": (qwen2_5_vl_config, qwen_inputs),
     "gemma3_4b": (gemma3_4b_config, gemma3_inputs),
 }
@@ -89,12 +122,26 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _prompt(batch: int, device: str, image: list[int], extra: dict) -> dict:
+def _prompt(batch: int, device: str, image: list[int], extra: dict, vocab: int = 30000) -> dict:
     generator = _generator()
-    prefix = torch.randint(10, 30000, (24,), generator=generator).tolist()
-    suffix = torch.randint(10, 30000, (40,), generator=generator).tolist()
+    prefix = torch.randint(10, vocab, (24,), generator=generator).tolist()
+    suffix = torch.randint(10, vocab, (40,), generator=generator).tolist()
     ids = torch.tensor([[2, *prefix, *image, *suffix]] * batch)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+
+
+def model_and_inputs(name: str, tiny: bool, text_layers: int | None, batch: int, device: str,
+                     dtype: torch.dtype) -> tuple[object, dict]:
+    """`name`'s config (its first `text_layers` decoder layers, all when None) and a prompt of `batch` rows on
+    `device`, floating-point inputs in `dtype`."""
+    make_config, make_inputs = MODELS[name]
+    config = make_config(tiny)
+    if text_layers is not None:
+        config.get_text_config().num_hidden_layers = text_layers
+        if getattr(config.get_text_config(), "layer_types", None):
+            config.get_text_config().layer_types = config.get_text_config().layer_types[:text_layers]
+    inputs = make_inputs(config, batch, device, tiny).items()
+    return config, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs}
 
 
 def build(config, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -173,15 +220,8 @@ CONFIGS: dict[str, tuple[str, float, dict]] = {
 def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
             dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
             mode: str | None, hae_compiler: str = "inductor") -> dict:
-    make_config, make_inputs = MODELS[name]
-    config = make_config(tiny)
-    if text_layers is not None:
-        config.get_text_config().num_hidden_layers = text_layers
-        if getattr(config.get_text_config(), "layer_types", None):
-            config.get_text_config().layer_types = config.get_text_config().layer_types[:text_layers]
-    inputs = {k: v.to(device) for k, v in make_inputs(config, batch, device, tiny).items()}
+    config, inputs = model_and_inputs(name, tiny, text_layers, batch, device, dtype)
     prompt_len = inputs["input_ids"].shape[1]
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
                     "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
@@ -225,7 +265,7 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["gemma3_4b", "qwen2_5_vl_7b"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda")

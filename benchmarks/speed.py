@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_families import build, llava7b_config
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
+from transformers import LlavaForConditionalGeneration, LogitsProcessor
 from waves import run_in_waves
 
 import hae_fx
@@ -58,26 +59,7 @@ def llava_shaped(device: str, tiny: bool) -> LlavaForConditionalGeneration:
     hidden) with random bf16 weights built on `device`; `tiny`: the fp32 tiny LLaVA of the tests."""
     if tiny:
         return tiny_llava(seed=0, text_layers=2, initializer_range=0.2).to(device)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    for part in (config, config.text_config, config.vision_config):
-        part._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return build(llava7b_config(tiny=False), device, torch.bfloat16)
 
 
 def prompt_inputs(model, images: int, batch: int, device: str) -> dict[str, torch.Tensor]:

@@ -149,6 +149,9 @@ def run_bench(args: argparse.Namespace) -> None:
     Without `--out`, results go to `bench-results/<name>` in the current folder: the scripts' own default is the
     recorded results next to them, which in an installed package is inside site-packages.
     """
+    folder = str(Path(importlib.import_module("hae_fx.benchmarks").__file__).parent)
+    if folder not in sys.path:  # the scripts import their siblings by file name (waves, gpu_families), as scripts do
+        sys.path.insert(0, folder)
     benchmark = importlib.import_module(f"hae_fx.benchmarks.{args.benchmark}")
     options = args.options
     if not any(option == "--out" or option.startswith("--out=") for option in options):

@@ -173,3 +173,20 @@ def test_no_weight_op_on_cpu_is_the_reference(layout):
     out = torch.ops.hae.slot_attention_no_weight(q, k, v, slot_pos, scale)
     torch.testing.assert_close(out, attend_slots(q, k, v, slot_pos, scale)[0])
     torch.library.opcheck(torch.ops.hae.slot_attention_no_weight.default, (q, k, v, slot_pos, scale))
+
+
+def test_reference_attention_switches_the_kernel_off_while_active():
+    """The predicate both trace-time choices read (the functionalization rule and the Inductor decomposition);
+    tracing the reference math itself on fake CUDA tensors needs a CUDA build of torch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hae_fx.ops.slot_attention import reference_attention
+
+    with FakeTensorMode():
+        q = torch.empty(2, 4, 1, 16, device="cuda")
+        k = v = torch.empty(2, 2, 100, 16, device="cuda")
+        assert uses_fused_kernel(q, k, v)
+        with reference_attention():
+            assert not uses_fused_kernel(q, k, v)
+            assert not torch._functorch.config.enable_autograd_cache  # its key cannot see the switch
+        assert uses_fused_kernel(q, k, v)

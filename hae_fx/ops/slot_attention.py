@@ -18,7 +18,11 @@ and probabilities (`hae_fx.kv_quant` says why that is exact).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch._functorch.config
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -30,6 +34,30 @@ FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_HEAD_DIM = 256
 #: quantized slot dtypes the fused kernel reads (with scales)
 FUSED_QUANTIZED_DTYPES = (torch.int8,)
+
+
+#: True while `reference_attention()` is active
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_attention() -> Iterator[None]:
+    """Run the reference math (`attend_slots`) in place of the fused Triton kernel while active: for debugging and
+    measurements (is a difference the kernel's, or the graph's around it?).
+
+    `uses_fused_kernel` decides when a graph is traced, so the compile (the first generate of a transformed model)
+    must happen inside the block, and the graphs keep their choice afterwards. AOTAutograd's compile cache is off
+    while active: it keys a graph as it was before the op was traced, which does not show this switch, and could
+    hand back a graph compiled with the kernel (Inductor's FX graph cache keys the traced graph, which does).
+    """
+    global _reference_only
+    previous = _reference_only
+    _reference_only = True
+    try:
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            yield
+    finally:
+        _reference_only = previous
 
 
 def _as_query_dtype(cache: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -69,8 +97,8 @@ def uses_fused_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> bool:
     """Whether `run_slot_attention` takes the Triton kernel: CUDA tensors, static shapes (a symbolic size would
     specialise the launch grid; such graphs keep the reference math), supported dtype and head dim, one query per
-    sequence (a chunk's causal mask is the reference's)."""
-    return (q.device.type == "cuda" and hasattr(torch.ops.hae, "slot_attention_fused")
+    sequence (a chunk's causal mask is the reference's); never inside `reference_attention()`."""
+    return (not _reference_only and q.device.type == "cuda" and hasattr(torch.ops.hae, "slot_attention_fused")
             and all(isinstance(n, int) for n in (*q.shape, *k_cache.shape))
             and q.dtype in FUSED_DTYPES and _fused_slot_dtype(k_cache, k_scale) and _fused_slot_dtype(v_cache, v_scale)
             and q.shape[-1] <= FUSED_MAX_HEAD_DIM and q.shape[2] == 1)
