@@ -156,10 +156,9 @@ def warn_if_inexact(example_inputs: list[Any]) -> None:
     """Warn (once per process, Python's default filter) before Inductor compiles a graph for CUDA tensors.
 
     Measured on an H200 with torch 2.11 (docs/gpu.md, "Known issue"): the Inductor-compiled graphs give next-token
-    logits that part from HF's from the first decode step, with or without the fused attention kernel and with or
-    without CUDA graphs, while the same rewritten graphs run eagerly on CUDA (and compiled on the CPU) match HF.
-    Until the cause is found and fixed, compiled CUDA output is not claimed exact, and saying so beats a silent
-    difference."""
+    logits that part from HF's from the first decode step, with or without CUDA graphs, while the same rewritten
+    graphs run eagerly on CUDA (and compiled on the CPU) match HF. Until the cause is found and fixed, compiled CUDA
+    output is not claimed exact, and saying so beats a silent difference."""
     if any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
         warnings.warn(
             "hae_fx: graphs compiled by Inductor for CUDA are known to give logits that differ from HF's from the "
