@@ -153,7 +153,7 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
 
 
 def warn_if_inexact(example_inputs: list[Any]) -> None:
-    """Warn (once per process, Python's default filter) before Inductor compiles a graph for CUDA tensors.
+    """Warn (once per process, Python's default filter) before Inductor (or AOTInductor) compiles for CUDA tensors.
 
     Measured on an H200 with torch 2.11 (docs/gpu.md, "Known issue"): the Inductor-compiled graphs give next-token
     logits that part from HF's from the first decode step, with or without CUDA graphs, while the same rewritten
