@@ -10,7 +10,8 @@ apart), CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes 
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b gemma3_4b --out DIR
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --dtype float32 --text-layers 8 --hf-eager \
         --mode default --configs full --batch 2 --new-tokens 32 --out DIR   # which side a logits gap comes from
-    (`--hae-compiler eager` in place of `--mode default`: hae's reference ops, no Triton kernel, no CUDA graphs)
+    (`--hae-compiler eager` in place of `--mode default`: hae's rewritten graphs run eagerly, no Inductor, no CUDA
+    graphs; on CUDA the slot attention is still the fused kernel, which the ops' implementation calls)
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
 
 `--model llava7b` runs LLaVA-1.5-7B's shapes (benchmarks/speed.py's model) the same way.
@@ -282,8 +283,8 @@ def main() -> None:
                         help="hae's torch.compile mode (default: reduce-overhead on cuda, Inductor's default "
                              "elsewhere)")
     parser.add_argument("--hae-compiler", choices=["inductor", "eager"], default="inductor",
-                        help="eager: hae's rewritten graphs run the ops' reference implementations (no Triton kernel, "
-                             "no CUDA graphs)")
+                        help="eager: hae's rewritten graphs run eagerly, without Inductor or CUDA graphs (on CUDA "
+                             "the ops' implementation still calls the fused attention kernel)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -242,7 +242,6 @@ def question_about(scene: Scene, cell: Cell, kind: str) -> tuple[str, str]:
     raise ValueError(f"question_about asks colour_at or shape_at, not {kind!r}")
 
 
-_LOCATE = re.compile(r"where is the (\w+) (\w+) \?")  # a `locate` question: the colour and shape it asks for
 
 
 def cells_named(question: str) -> list[Cell]:
@@ -257,11 +256,8 @@ def asked_cell(scene: Scene, question: str) -> Cell | None:
     named = cells_named(question)
     if named:
         return named[0]
-    if m := _LOCATE.fullmatch(" ".join(question.lower().split())):
-        cells = [cell for cell, obj in scene.objects.items() if obj == m.groups()]
-        if len(cells) != 1:
-            raise ValueError(f"{question!r} has {len(cells)} matching objects; locate needs exactly one")
-        return cells[0]
+    if m := re.fullmatch(_LOCATE, " ".join(question.lower().split())):
+        return _located_cell(scene, question, m.groups())
     return None
 
 
@@ -327,6 +323,18 @@ def _cell_from_text(row: str, col: str) -> Cell:
     return int(row) - 1, int(col) - 1
 
 
+#: a `locate` question: the colour and shape it asks for
+_LOCATE = r"where is the (\w+) (\w+) \?"
+
+
+def _located_cell(scene: Scene, question: str, obj: tuple[str, str]) -> Cell:
+    """The one cell holding `obj` (colour, shape), which `locate` question `question` asks for."""
+    cells = [cell for cell, held in scene.objects.items() if held == obj]
+    if len(cells) != 1:
+        raise ValueError(f"{question!r} has {len(cells)} matching objects; locate needs exactly one")
+    return cells[0]
+
+
 def answer_from_scene(scene: Scene, question: str) -> str:
     """Re-derive the answer to `question` from `scene` by parsing the question text (independent of generation)."""
     q = " ".join(question.lower().split())
@@ -336,11 +344,8 @@ def answer_from_scene(scene: Scene, question: str) -> str:
     if m := re.fullmatch(r"what shape is at row (\d+) column (\d+) \?", q):
         obj = scene.objects.get(_cell_from_text(*m.groups()))
         return obj[1] if obj else EMPTY_ANSWER
-    if m := re.fullmatch(r"where is the (\w+) (\w+) \?", q):
-        cells = [cell for cell, obj in scene.objects.items() if obj == m.groups()]
-        if len(cells) != 1:
-            raise ValueError(f"{question!r} has {len(cells)} matching objects; locate needs exactly one")
-        return _location(cells[0])
+    if m := re.fullmatch(_LOCATE, q):
+        return _location(_located_cell(scene, question, m.groups()))
     if m := re.fullmatch(r"how many (\w+) (\w+) \?", q):
         colour, noun = m.groups()
         return number_word(_count(scene, colour, None if noun == "shapes" else _SINGULAR[noun]))
