@@ -8,7 +8,9 @@ weights, with hae's `full` policy at a capacity of prompt + N:
 - `hae_eager`: the rewritten graphs run eagerly (`"hae.compiler": "eager"`), the cache-state reference;
 - `hae_inductor`: Inductor, `mode="default"`; `hae_inductor_cudagraphs`: `mode="reduce-overhead"` (CUDA only);
 - `hae_inductor_reference_attention`: Inductor with the reference attention math in place of the fused Triton
-  kernel (`hae_fx.ops.slot_attention.reference_attention`).
+  kernel (`hae_fx.ops.slot_attention.reference_attention`);
+- `hae_inductor[key=value,...]`, one per `--inductor-variant`: Inductor, `mode="default"`, with those
+  `torch._inductor.config` settings patched in for the compile (to bisect an Inductor pass).
 
 After each generate it reads the `HAECache` (`out.past_key_values`): per layer, the position each slot holds
 (`slot_pos` of the layer's slot group, or a windowed layer's `ring_pos`) and its K/V rows. n = 1 is the prefill's
@@ -23,11 +25,14 @@ prints a summary.
     python benchmarks/cuda_exactness.py --model llava7b --out DIR/llava.json              # on the GPU
     python benchmarks/cuda_exactness.py --model qwen2_5_vl_7b --out DIR/qwen.json
     python benchmarks/cuda_exactness.py --model llava7b --tiny --device cpu --out DIR/x.json   # a functional check
+    python benchmarks/cuda_exactness.py --model llava7b --paths hae_inductor \
+        --inductor-variant allow_buffer_reuse=False --out DIR/llava_reuse.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import json
@@ -144,6 +149,24 @@ def describe(divergence: dict) -> str:
     return text + (f": {divergence['detail']}" if "detail" in divergence else "")
 
 
+def variant_name(text: str) -> str:
+    """The path name of an `--inductor-variant` (`key=value,...`); its values are Python literals."""
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if not value or key.strip() not in torch._inductor.config.get_config_copy():
+            raise argparse.ArgumentTypeError(f"{item!r} is not `key=value` with an Inductor config key")
+        ast.literal_eval(value.strip())
+    return f"hae_inductor[{text}]"
+
+
+def variant_settings(name: str) -> dict:
+    """The Inductor settings a path name carries (none for the fixed paths)."""
+    if not name.startswith("hae_inductor["):
+        return {}
+    pairs = (item.partition("=") for item in name[len("hae_inductor["):-1].split(","))
+    return {key.strip(): ast.literal_eval(value.strip()) for key, _, value in pairs}
+
+
 def run_path(name: str, config, inputs: dict, new_tokens: int, capacity: int, device: str,
              dtype: torch.dtype) -> list[tuple[list[torch.Tensor], State | None]]:
     """Per n in 1..N: the steps' logits and (hae paths) the cache state after `generate(max_new_tokens=n)`."""
@@ -155,9 +178,14 @@ def run_path(name: str, config, inputs: dict, new_tokens: int, capacity: int, de
                        cache_implementation="static", disable_compile=True,
                        logits_processor=LogitsProcessorList([steps]))
         return [(steps.steps[:n], None) for n in range(1, new_tokens + 1)]
-    mode, options, reference_math = HAE_PATHS[name]
+    mode, options, reference_math = HAE_PATHS.get(name, HAE_PATHS["hae_inductor"])
+    settings = variant_settings(name)
     runs = []
-    with reference_attention() if reference_math else contextlib.nullcontext():  # the compile happens in here
+    with contextlib.ExitStack() as context:  # the compile (the first generate) happens in here
+        if reference_math:
+            context.enter_context(reference_attention())
+        if settings:
+            context.enter_context(torch._inductor.config.patch(settings))
         hae_fx.transform(model, hae_fx.HAEConfig(policy="full", capacity=capacity), mode=mode, options=options)
         for n in range(1, new_tokens + 1):
             steps = StepLogits()
@@ -264,12 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=None,
                         help="default: all (hae_inductor_cudagraphs on cuda only); hf and hae_eager, the "
                              "references, always run first")
+    parser.add_argument("--inductor-variant", type=variant_name, action="append", default=[],
+                        help="another Inductor path with these `torch._inductor.config` settings (`key=value,...`, "
+                             "Python literals), compared like the others; repeatable")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="a K/V row diverges beyond this times the largest reference entry of its layer and row")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     chosen = set(args.paths or PATHS) | {"hf", "hae_eager"}
     paths = [p for p in PATHS if p in chosen and (args.device == "cuda" or p != "hae_inductor_cudagraphs")]
+    paths += args.inductor_variant
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # every path compiles from scratch: no graph of an earlier run or path is reused
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):

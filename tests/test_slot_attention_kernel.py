@@ -113,9 +113,10 @@ def test_kernel_matches_reference_in_triton_interpreter(tmp_path):
             assert torch.all(weight[slot_pos < 0] == 0), case
 
 
-def _traced_ops(model: torch.nn.Module, *, export_switch: bool, slot_dtype: torch.dtype = torch.bfloat16) -> set[str]:
-    """The call targets of `model`'s graph as AOTInductor traces it (or, with `export_switch`, as torch.export
-    does), for fake CUDA tensors: no GPU is needed to trace."""
+def _traced_graph(model: torch.nn.Module, *, export_switch: bool,
+                  slot_dtype: torch.dtype = torch.bfloat16) -> torch.fx.GraphModule:
+    """`model`'s graph as AOTInductor traces it (or, with `export_switch`, as torch.export does), for fake CUDA
+    tensors: no GPU is needed to trace."""
     from torch._functorch.aot_autograd import aot_export_module
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -134,6 +135,12 @@ def _traced_ops(model: torch.nn.Module, *, export_switch: bool, slot_dtype: torc
         else:
             graph, _ = aot_export_module(torch.fx.symbolic_trace(model), args, trace_joint=False,
                                          decompositions=select_decomp_table())
+    return graph
+
+
+def _traced_ops(model: torch.nn.Module, *, export_switch: bool, slot_dtype: torch.dtype = torch.bfloat16) -> set[str]:
+    """The call targets of `_traced_graph`."""
+    graph = _traced_graph(model, export_switch=export_switch, slot_dtype=slot_dtype)
     return {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
 
 
@@ -154,6 +161,22 @@ def test_int8_slots_trace_into_the_kernels_on_cuda():
     compiled = _traced_ops(_QuantizedAttention(), export_switch=False, slot_dtype=torch.int8)
     assert "triton_kernel_wrapper_functional" in compiled
     assert not any(target.startswith("hae.") for target in compiled), compiled
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.bfloat16, torch.int8])
+def test_no_tensor_is_passed_to_two_arguments_of_one_kernel(slot_dtype):
+    """Functionalization gives every kernel argument that may be written its own copy, and the copy of the last
+    argument replaces the tensor: a tensor passed twice loses the write of the first. On fake tensors the mutation
+    analysis cannot run and takes every argument as written, the case where that happens; at these shapes the
+    split kernel writes partial results (two splits) that the combine kernel must read back."""
+    model = _QuantizedAttention() if slot_dtype == torch.int8 else _Attention()
+    graph = _traced_graph(model, export_switch=False, slot_dtype=slot_dtype)
+    kernels = [node for node in graph.graph.nodes
+               if node.op == "call_function" and "triton_kernel_wrapper_functional" in str(node.target)]
+    assert len({node.kwargs["kernel_idx"] for node in kernels}) >= 3  # split, combine, weight
+    for node in kernels:
+        tensors = [value for value in node.kwargs["kwargs"].values() if isinstance(value, torch.fx.Node)]
+        assert len(tensors) == len(set(tensors)), node.kwargs["kwargs"]
 
 
 def test_cuda_graphs_trace_into_the_kernels_and_export_keeps_the_op():

@@ -244,9 +244,12 @@ def launch_slot_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     part_acc = _scratch((part_rows, splits, head_dim), q.device)
     part_ml = _scratch((part_rows, splits, 2), q.device)
 
-    # unscaled slots pass a stand-in the SCALED=False kernel never reads
-    k_scales = k_scale if scaled else part_ml
-    v_scales = v_scale if scaled else part_ml
+    # unscaled slots pass stand-ins the SCALED=False kernel never reads, each its own tensor: under
+    # functionalization every argument a kernel may write gets its own copy and the last copy replaces the tensor,
+    # so a tensor passed twice (here once written) loses the write whenever the mutation analysis cannot rule the
+    # other argument out (`tests/test_slot_attention_kernel.py`)
+    k_scales = k_scale if scaled else _scratch((0,), q.device)
+    v_scales = v_scale if scaled else _scratch((0,), q.device)
     scale_strides = (*k_scale.stride()[:3], *v_scale.stride()[:3]) if scaled else (0,) * 6
     per_head = slot_pos.dim() == 3
     pos_strides = slot_pos.stride() if per_head else (slot_pos.stride(0), 0, slot_pos.stride(1))
