@@ -47,7 +47,3 @@ class HAEPackageCorruptError(HAEPackageError):
 
 class HAEPackageConfigError(HAEPackageError):
     """The package was built for another eviction config than the one expected."""
-
-
-class HAEExactnessWarning(UserWarning):
-    """A path whose results are known to differ from HF's where hae_fx claims exactness (docs/gpu.md)."""

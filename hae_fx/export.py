@@ -40,7 +40,7 @@ import torch
 from torch._dynamo.exc import UserError, UserErrorType
 
 from hae_fx import deploy_runner
-from hae_fx.backend import rewrite_graph, warn_if_inexact
+from hae_fx.backend import rewrite_graph
 from hae_fx.cache import HAECache
 from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAEConfigError, HAESiteError, HAEUnsupportedModelError
@@ -314,7 +314,6 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
         decode_args = (input_ids[:, -1:].contiguous(), attention_mask.sum(-1, keepdim=True), cache_values)
         decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)),
                                  "decode")
-        warn_if_inexact([input_ids])  # AOTInductor lowers through Inductor too
         files = {"prefill": _aot_compile(prefill, prefill_args, "prefill", options or {}),
                  "decode": _aot_compile(decode, decode_args, "decode", options or {})}
     metadata = _metadata(model, config, family.name if family.model_types else model.config.model_type, batch,
