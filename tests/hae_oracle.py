@@ -302,7 +302,7 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
                    window: int, dap_layer: int, r: float, alpha: float, prune_hidden: bool = False,
                    max_visual_keep: int | None = None, score_source: str = "layers_mean",
                    visual_first: float = 1.0, decay: float = 0.0, observation_window: int = 32,
-                   pool_kernel: int = 7, new_tokens: int,
+                   pool_kernel: int = 7, dap_global: bool = True, new_tokens: int,
                    turns: tuple[tuple[list[int], int], ...] = ()) -> HAEOracleRun:
     """Greedy generation of one unpadded sequence under the `hae` policy, eagerly (`model`: HF LLaVA, eager).
 
@@ -318,6 +318,9 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
     assert score_source in ("layers_mean", "dap_layer"), score_source
     budget = capacity - bin_size
     assert 1 <= bin_size <= budget and budget >= sinks + window + 1, "invalid hae configuration"
+    global_layers = _global_layers(model)
+    if dap_global and dap_layer not in global_layers:  # a windowed layer's attention stops at its window
+        dap_layer = min((j for j in global_layers if j > dap_layer), default=max(global_layers))
     prompt_len = input_ids.shape[1]
     image_token_id = getattr(model.config, "image_token_id", None)
     visual = [image_token_id is not None and token == image_token_id for token in input_ids[0].tolist()]
@@ -346,7 +349,7 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
         state.place(position)
         held.append((state.kept, sorted(state.binned)))
         step_logits, rows = _decode_forward(model, token, position, state.kept, cache)
-        state.add_attention(_score_increments(rows, score_source, dap_layer, _global_layers(model)))
+        state.add_attention(_score_increments(rows, score_source, dap_layer, global_layers))
         position += 1
         return step_logits
 
