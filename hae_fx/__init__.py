@@ -26,6 +26,7 @@ from hae_fx.errors import (
     HAEPackageTruncatedError,
     HAEPackageVersionError,
     HAESiteError,
+    HAETensorParallelError,
     HAEUnsupportedModelError,
     HAEWeightLayoutError,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "HAEPackageTruncatedError",
     "HAEPackageVersionError",
     "HAESiteError",
+    "HAETensorParallelError",
     "HAEUnsupportedModelError",
     "HAEWeightLayoutError",
     "ModelInspection",
