@@ -21,17 +21,17 @@ import hae_fx
 from hae_fx.errors import HAEError
 
 NEW_TOKENS = 10
-EAGER = {"hae.compiler": "eager"}
 
 
 @dataclass(frozen=True)
 class Case:
     """One generate call: the saved model it loads (`model`, a folder under the models root), the config each rank
-    transforms it with (`config_for(rank)`), and its inputs."""
+    transforms it with (`config_for(rank)`), its inputs, and the compiler of its graphs (`hae.compiler`)."""
 
     model: str
     config_for: Callable[[int], hae_fx.PolicyConfig]
     inputs: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
+    compiler: str = "eager"
 
 
 def text_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,6 +55,7 @@ def hae(capacity: int) -> hae_fx.PolicyConfig:
 CASES: dict[str, Case] = {
     "llama-full": Case("llama", same(hae_fx.HAEConfig(policy="full", capacity=32)), text_inputs),
     "llama-hae": Case("llama", same(hae(12)), text_inputs),
+    "llama-hae-inductor": Case("llama", same(hae(12)), text_inputs, compiler="inductor"),
     "llama-snapkv": Case("llama", same(hae_fx.HAEConfig(policy="snapkv", capacity=12, sinks=2, window=4)), text_inputs),
     "llama-madakv": Case("llama", same(hae_fx.HAEConfig(policy="madakv", capacity=12, sinks=2, window=4)), text_inputs),
     "llava-full": Case("llava", same(hae_fx.HAEConfig(policy="full", capacity=64)), llava_inputs),
@@ -83,7 +84,7 @@ def run_case(models_root: Path, name: str, rank: int, tp: bool) -> dict[str, obj
     case = CASES[name]
     torch._dynamo.reset()  # each case compiles its own graphs, as in a fresh process
     model = load(models_root / case.model, tp)
-    hae_fx.transform(model, case.config_for(rank), options=EAGER)
+    hae_fx.transform(model, case.config_for(rank), options={"hae.compiler": case.compiler})
     try:
         out = model.generate(**case.inputs(model), max_new_tokens=NEW_TOKENS, do_sample=False,
                              return_dict_in_generate=True)

@@ -73,7 +73,7 @@ def ranks(models, tmp_path_factory) -> list[dict[str, dict]]:
 def single(models) -> dict[str, dict]:
     """The same cases in this one process, the checkpoints loaded whole."""
     return {name: run_case(models, name, rank=0, tp=False) for name in CASES
-            if name not in ("mqa-hae", "llama-mixed")}
+            if name not in ("mqa-hae", "llama-mixed", "llama-hae-inductor")}
 
 
 @pytest.mark.parametrize("name", ["llama-full", "llava-full"])
@@ -93,6 +93,14 @@ def test_ranks_keep_the_single_process_slots(ranks, single, name):
         assert rank[name]["kv_nbytes"] * RANKS == single[name]["kv_nbytes"]
     slots = torch.tensor(single[name]["slot_pos"])
     assert slots.max() >= 20, "decode's tokens (positions 20.., after every prompt) must take slots"
+
+
+def test_inductor_graphs_keep_the_single_process_slots(ranks, single):
+    """The all-reduces compiled by Inductor (the default compiler) into the prefill and decode graphs: each rank
+    keeps the slots, and makes the tokens, of one process on the eager-reference path."""
+    for rank in ranks:
+        assert rank["llama-hae-inductor"]["slot_pos"] == single["llama-hae"]["slot_pos"]
+        assert rank["llama-hae-inductor"]["tokens"] == single["llama-hae"]["tokens"]
 
 
 def test_per_head_policy_keeps_each_heads_slots_on_its_rank(ranks, single):
