@@ -1,9 +1,10 @@
 """The tensor-parallel cases of tests/test_tensor_parallel.py, and the script each rank runs.
 
-Launched as users launch a sharded model, `torchrun --nproc-per-node 2 tests/tensor_parallel_worker.py MODELS OUT`
-(here `python -m torch.distributed.run`, on CPU with gloo): each rank loads the saved tiny models with
-`tp_plan="auto"`, runs every case and writes what it saw to `OUT/rank{N}.json`. The test runs the same cases in one
-process, on the same checkpoints loaded whole, and compares.
+Launched as users launch a sharded model, from the repository root:
+`PYTHONPATH=. torchrun --nproc-per-node 2 tests/tensor_parallel_worker.py MODELS OUT` (the test runs
+`python -m torch.distributed.run`, on CPU with gloo). Each rank loads the saved tiny models with `tp_plan="auto"`,
+runs every case and writes what it saw to `OUT/rank{N}.json`. The test runs the same cases in one process, on the
+same checkpoints loaded whole, and compares.
 """
 
 from __future__ import annotations
