@@ -61,6 +61,10 @@ CASES: dict[str, Case] = {
     "llama-madakv": Case("llama", same(hae_fx.HAEConfig(policy="madakv", capacity=12, sinks=2, window=4)), text_inputs),
     "llava-full": Case("llava", same(hae_fx.HAEConfig(policy="full", capacity=64)), llava_inputs),
     "llava-hae": Case("llava", same(hae(16)), llava_inputs),
+    # the core's other paths: prompt merging, a slot group (and prefill plan) per layer
+    "llava-lookm": Case("llava", same(hae_fx.HAEConfig(policy="lookm", capacity=16, sinks=2, window=4)), llava_inputs),
+    "llama-pyramidkv": Case("llama", same(hae_fx.HAEConfig(policy="pyramidkv", capacity=12, sinks=2, window=4)),
+                            text_inputs),
     # refusals: one KV head for two ranks; ranks transformed with different configs
     "mqa-hae": Case("mqa", same(hae(12)), text_inputs),
     "llama-mixed": Case("llama", lambda rank: hae(12 + 4 * rank), text_inputs),
