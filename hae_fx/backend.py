@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from hae_fx import ops  # noqa: F401  (registers the ops and their decompositions before any compile)
 from hae_fx.cache import CacheRole
-from hae_fx.errors import HAEError, HAEExactnessWarning
+from hae_fx.errors import HAEError
 from hae_fx.ops.refuse import graph_refusal
 from hae_fx.passes import (
     PlanPlacement,
@@ -140,7 +139,6 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
             on_rewrite(record)
         if compiler == "eager":
             return _layout_checked(gm.forward, record.fused_projections, example_inputs)
-        warn_if_inexact(example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
@@ -150,21 +148,6 @@ def hae_backend(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None 
                                example_inputs)
     except HAEError as error:  # the passes', or one raised while Inductor lowers an hae op
         return _raises(error)
-
-
-def warn_if_inexact(example_inputs: list[Any]) -> None:
-    """Warn (once per process, Python's default filter) before Inductor (or AOTInductor) compiles for CUDA tensors.
-
-    Measured on an H200 with torch 2.11 (docs/gpu.md, "Known issue"): the Inductor-compiled graphs give next-token
-    logits that part from HF's from the first decode step, with or without CUDA graphs, while the same rewritten
-    graphs run eagerly on CUDA (and compiled on the CPU) match HF. Until the cause is found and fixed, compiled CUDA
-    output is not claimed exact, and saying so beats a silent difference."""
-    if any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs):
-        warnings.warn(
-            "hae_fx: graphs compiled by Inductor for CUDA are known to give logits that differ from HF's from the "
-            "first decode step (H200, torch 2.11; docs/gpu.md, 'Known issue'), so their tokens are not claimed "
-            "exact. For exact output on CUDA run the rewritten graphs eagerly: "
-            "transform(..., options={'hae.compiler': 'eager'}).", HAEExactnessWarning, stacklevel=2)
 
 
 def _layout_checked(compiled: Callable[..., Any], fused: tuple[FusedProjections, ...],

@@ -202,6 +202,14 @@ class HAECache(Cache):
         #: the layers whose prompt attention the policy's prefill plan reads; per slot group, those it plans from
         #: and the layer that emits its plan (a group without such layers plans at its first layer)
         self.plan_layers = self.policy.prefill_layers(global_layers)
+        if self.pruned_after is not None and self.pruned_after < max(self.plan_layers, default=-1):
+            raise HAEConfigError(
+                f"policy {config.policy!r} prunes the hidden states after layer {self.pruned_after}, before its "
+                f"prefill plan exists: it reads layer(s) {list(self.plan_layers)} ({self.pruned_after} is a "
+                f"sliding-window layer of this model; hae's dap_global reads the next full-attention one). Set the "
+                f"plan's layer to one of the full-attention layers {global_layers} (hae: dap_layer), or "
+                "dap_global=False"
+            )
         self.group_plan_layers = [tuple(layer for layer in self.plan_layers if self.layer_group[layer] == group)
                                   for group in range(len(capacities))]
         self._plan_emitters = {max(planned, default=members[0]): group for group, (planned, members) in

@@ -49,10 +49,6 @@ class HAEPackageConfigError(HAEPackageError):
     """The package was built for another eviction config than the one expected."""
 
 
-class HAEExactnessWarning(UserWarning):
-    """A path whose results are known to differ from HF's where hae_fx claims exactness (docs/gpu.md)."""
-
-
 class HAETensorParallelError(HAEError, ValueError):
     """A tensor-parallel model whose ranks cannot keep one cache layout: a TP degree that does not divide the KV
     heads, ranks transformed with different policy configs, a cache built for another degree, or a policy whose

@@ -40,10 +40,10 @@ import torch
 from torch._dynamo.exc import UserError, UserErrorType
 
 from hae_fx import deploy_runner
-from hae_fx.backend import rewrite_graph, warn_if_inexact
+from hae_fx.backend import rewrite_graph
 from hae_fx.cache import HAECache
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAEConfigError, HAESiteError, HAEUnsupportedModelError
+from hae_fx.errors import HAEConfigError, HAEError, HAESiteError, HAEUnsupportedModelError
 from hae_fx.models import family_of
 from hae_fx.policies import policy_for
 from hae_fx.slots import CORE_BUFFERS
@@ -210,7 +210,7 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
     Raises:
         HAEUnsupportedModelError: the model's forward does not trace with a dynamic prompt length (torch.export
             found a shape guard on it that it cannot prove for every length, e.g. in Llama 4's mixture-of-experts
-            layers).
+            layers), or torch.export itself failed on it (on torch 2.11, LLaVA's prefill fails in the tracer).
         HAESiteError: the decode graph's attention over the cache slots was not rewritten (it would attend over
             every slot under the model's own mask).
     """
@@ -224,6 +224,15 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
             f"{module.model.config.model_type}'s {name} program does not trace with a dynamic prompt length: "
             f"torch.export specializes it ({guard}); export supports models whose forward keeps the sequence "
             "length symbolic (TORCH_LOGS=+dynamic shows the model's line that adds the guard)"
+        ) from error
+    except HAEError:
+        raise
+    except Exception as error:  # torch.export's own failure, whose message names no model and no remedy
+        first_line = next(iter(str(error).splitlines()), "")
+        raise HAEUnsupportedModelError(
+            f"torch {torch.__version__}'s torch.export failed on {module.model.config.model_type}'s {name} program "
+            f"({type(error).__name__}: {first_line[:300]}); hae_fx's export is tested on torch 2.13, where "
+            "docs/deploy.md lists the families that export (the traceback above this error is torch's)"
         ) from error
     record = rewrite_graph(program.graph_module, _role_inputs(program, torch.utils._pytree.tree_leaves(args)))
     if name == "decode" and (record.report is None or not record.report.layers):
@@ -314,7 +323,6 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
         decode_args = (input_ids[:, -1:].contiguous(), attention_mask.sum(-1, keepdim=True), cache_values)
         decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)),
                                  "decode")
-        warn_if_inexact([input_ids])  # AOTInductor lowers through Inductor too
         files = {"prefill": _aot_compile(prefill, prefill_args, "prefill", options or {}),
                  "decode": _aot_compile(decode, decode_args, "decode", options or {})}
     metadata = _metadata(model, config, family.name if family.model_types else model.config.model_type, batch,

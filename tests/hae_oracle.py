@@ -65,23 +65,26 @@ def prefill_protected(prompt_len: int, sinks: int, window: int) -> set[int]:
     return {j for j in range(prompt_len) if j < sinks or j >= prompt_len - max(window, 1)}
 
 
-def observation_queries(visual: list[bool]) -> list[int]:
-    """`Q`: the text tokens after the last visual token, or every prompt token when there is no visual token."""
+def observation_queries(visual: list[bool], observation_window: int) -> list[int]:
+    """`Q`: the text tokens after the last visual token; when there is no visual token, the last
+    `observation_window` prompt tokens (every prompt token for 0)."""
     visual_positions = [j for j, is_visual in enumerate(visual) if is_visual]
     if not visual_positions:
-        return list(range(len(visual)))
+        first = max(0, len(visual) - observation_window) if observation_window else 0
+        return list(range(first, len(visual)))
     return list(range(visual_positions[-1] + 1, len(visual)))
 
 
 def dap_plan(mean_attention: torch.Tensor, visual: list[bool], *, capacity: int, bin_size: int, sinks: int,
-             window: int, r: float, alpha: float, max_visual_keep: int | None) -> DAPPlan:
+             window: int, r: float, alpha: float, max_visual_keep: int | None, observation_window: int,
+             pool_kernel: int) -> DAPPlan:
     """DAP steps 1-5 of docs/hae.md on one sequence.
 
     `mean_attention` is `Ā` of layer `dap_layer`, `[T, T]` (query, key), already averaged over query heads.
     """
     prompt_len = len(visual)
     assert mean_attention.shape == (prompt_len, prompt_len)
-    queries = observation_queries(visual)
+    queries = observation_queries(visual, observation_window)
     rows = mean_attention[queries]  # [|Q|, T]
     s0 = rows.sum(dim=0).tolist() if queries else [0.0] * prompt_len
     peak = rows.max(dim=0).values.tolist() if queries else [0.0] * prompt_len
@@ -101,8 +104,11 @@ def dap_plan(mean_attention: torch.Tensor, visual: list[bool], *, capacity: int,
         evicted.update(ranked[max_visual_keep:])
 
     # The capacity rule: protected first, then text, then visual, S0 highest first within each; keep capacity - 1.
+    # Without visual tokens a token ranks by the best S0 within pool_kernel // 2 positions of it.
+    reach = pool_kernel // 2 if not visual_positions else 0
+    rank_score = [max(s0[max(0, j - reach): j + reach + 1]) for j in range(prompt_len)]
     survivors = [j for j in range(prompt_len) if j not in evicted]
-    ranked = sorted(survivors, key=lambda j: (j not in protected, visual[j], -s0[j], j))
+    ranked = sorted(survivors, key=lambda j: (j not in protected, visual[j], -rank_score[j], j))
     kept = ranked[:capacity - 1]
     budget = capacity - bin_size
     return DAPPlan(active=set(kept[:budget]), binned=set(kept[budget:]), scores=dict(enumerate(s0)),
@@ -295,7 +301,8 @@ def _score_increments(rows: list[torch.Tensor], score_source: str, dap_layer: in
 def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin_size: int, sinks: int,
                    window: int, dap_layer: int, r: float, alpha: float, prune_hidden: bool = False,
                    max_visual_keep: int | None = None, score_source: str = "layers_mean",
-                   visual_first: float = 1.0, decay: float = 0.0, new_tokens: int,
+                   visual_first: float = 1.0, decay: float = 0.0, observation_window: int = 32,
+                   pool_kernel: int = 7, new_tokens: int,
                    turns: tuple[tuple[list[int], int], ...] = ()) -> HAEOracleRun:
     """Greedy generation of one unpadded sequence under the `hae` policy, eagerly (`model`: HF LLaVA, eager).
 
@@ -317,7 +324,8 @@ def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin
 
     def decide(mean_attention: torch.Tensor) -> DAPPlan:
         return dap_plan(mean_attention, visual, capacity=capacity, bin_size=bin_size, sinks=sinks, window=window,
-                        r=r, alpha=alpha, max_visual_keep=max_visual_keep)
+                        r=r, alpha=alpha, max_visual_keep=max_visual_keep, observation_window=observation_window,
+                        pool_kernel=pool_kernel)
 
     cache = DynamicCache()  # every layer keeps every key; the masks say which ones a step may see
     image_inputs = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}

@@ -1,7 +1,5 @@
 """Bad input fails early with an error that names the problem and the fix."""
 
-import warnings
-
 import pytest
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -82,19 +80,3 @@ def test_transforming_twice_is_refused():
     model = hae_fx.transform(tiny_llava(), HAEConfig())
     with pytest.raises(hae_fx.HAEError, match="already transformed"):
         hae_fx.transform(model, HAEConfig())
-
-
-def test_inductor_graphs_for_cuda_warn_that_they_are_not_claimed_exact():
-    """The known CUDA difference (docs/gpu.md) is said, not silent: a graph compiled by Inductor for CUDA tensors
-    warns; CPU graphs do not (fake CUDA tensors: no GPU needed)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from hae_fx.backend import warn_if_inexact
-
-    with FakeTensorMode():
-        cuda_inputs = [torch.empty(2, 3, device="cuda"), 7]
-    with pytest.warns(hae_fx.HAEExactnessWarning, match=r"hae.compiler': 'eager'"):
-        warn_if_inexact(cuda_inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warn_if_inexact([torch.empty(2, 3), 7])

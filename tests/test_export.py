@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -307,6 +308,22 @@ def test_export_refuses_a_model_without_a_dynamic_prompt_length(tmp_path):
                        match="llama4_text's prefill program does not trace with a dynamic prompt length"):
         hae_fx.export(family.build(), family.inputs(batch=2), tmp_path / "llama4.pt2", CONFIGS["hae"],
                       max_prompt_len=MAX_PROMPT)
+
+
+def test_a_failure_inside_torch_export_names_the_model_program_and_torch(tmp_path, monkeypatch):
+    """torch.export's own errors (torch 2.11's tracer fails on LLaVA's prefill: docs/gpu.md) come out as an
+    HAEUnsupportedModelError naming the model, the program and the torch version, with torch's error chained."""
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("Piecewise((1, Eq(u2, 1)), (0, True)) is not tracked with proxy\nWhile executing ...")
+
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    family = BY_NAME["mistral-window"]
+    with pytest.raises(hae_fx.HAEUnsupportedModelError,
+                       match=rf"torch {re.escape(torch.__version__)}'s torch.export failed on mistral's prefill "
+                             r"program \(RuntimeError: Piecewise.*not tracked with proxy\)") as raised:
+        hae_fx.export(family.build(), family.inputs(batch=2), tmp_path / "m.pt2", CONFIGS["hae"],
+                      max_prompt_len=MAX_PROMPT)
+    assert isinstance(raised.value.__cause__, RuntimeError)
 
 
 # -- a text model through the command line, and the C++ runner ---------------------------------------------------

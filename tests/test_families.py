@@ -183,14 +183,25 @@ def test_inspect_lists_layer_kinds_sites_and_plan():
         hae_fx.inspect(family.build())
 
 
-@pytest.mark.parametrize("name, dap_layer", [("gemma3-text", 5), ("qwen2-window", 1), ("gemma3-text", 0),
-                                             ("aya-vision", 3), ("llava-onevision", 1), ("janus", 1),
-                                             ("gemma3-vlm", 5), ("paligemma-prefix-lm", 1)])
-def test_hae_matches_the_oracle(name, dap_layer):
+def test_pruning_hidden_states_before_a_moved_dap_layer_is_refused():
+    """`prune_hidden` prunes after `dap_layer`; when `dap_global` moves DAP's reading to a later full-attention
+    layer, the plan would not exist yet where the pruning starts."""
+    config = HAEConfig(policy="hae", capacity=14, bin_size=4, sinks=2, window=3, dap_layer=1, prune_hidden=True)
+    with pytest.raises(hae_fx.HAEConfigError, match=r"prunes the hidden states after layer 1.*reads layer\(s\) \[5\]"):
+        hae_fx.HAECache.for_model(BY_NAME["gemma3-text"].build(), config, batch=1)
+    hae_fx.HAECache.for_model(BY_NAME["gemma3-text"].build(), config.replace(dap_layer=5), batch=1)
+
+
+@pytest.mark.parametrize("name, dap_layer, dap_global, oracle_layer", [
+    ("gemma3-text", 5, True, 5), ("qwen2-window", 1, True, 1), ("gemma3-text", 0, False, 0),
+    ("gemma3-text", 1, True, 5), ("aya-vision", 3, True, 3), ("llava-onevision", 1, True, 1), ("janus", 1, True, 1),
+    ("gemma3-vlm", 5, True, 5), ("paligemma-prefix-lm", 1, True, 1)])
+def test_hae_matches_the_oracle(name, dap_layer, dap_global, oracle_layer):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
-    window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer`
-    (gemma3-text's 0) prunes by its own windowed prefill attention; on the VLMs DAP prunes the image, reading the
-    layer's own mask (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix)."""
+    window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer` is
+    replaced by the next full-attention layer (gemma3-text's 1 by 5), or with `dap_global=False` prunes by its own
+    windowed prefill attention (gemma3-text's 0); on the VLMs DAP prunes the image, reading the layer's own mask
+    (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix)."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 
@@ -198,8 +209,8 @@ def test_hae_matches_the_oracle(name, dap_layer):
     reference = family.build(attn_implementation="eager")
     inputs = family.inputs(1)
     inputs.pop("attention_mask")
-    fields = dict(capacity=14, bin_size=4, sinks=2, window=3, dap_layer=dap_layer)
-    config = HAEConfig(policy="hae", **fields)
+    fields = dict(capacity=14, bin_size=4, sinks=2, window=3)
+    config = HAEConfig(policy="hae", dap_layer=dap_layer, dap_global=dap_global, **fields)
     model = _transformed(family, config, reference)
     steps = []
 
@@ -212,7 +223,8 @@ def test_hae_matches_the_oracle(name, dap_layer):
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=40, do_sample=False,
                          return_dict_in_generate=True, output_logits=True,
                          stopping_criteria=StoppingCriteriaList([Record()]))
-    oracle = run_hae_oracle(reference, inputs, new_tokens=40, r=0.0015, alpha=0.0005, **fields)
+    oracle = run_hae_oracle(reference, inputs, new_tokens=40, r=0.0015, alpha=0.0005, dap_layer=oracle_layer,
+                            **fields)
     assert [kept for kept, _ in steps] == oracle.kept
     assert [binned for _, binned in steps] == oracle.binned
     assert out.sequences[0, inputs["input_ids"].shape[1]:].tolist() == oracle.tokens

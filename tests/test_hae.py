@@ -193,6 +193,25 @@ def test_prompt_without_image_skips_dap_with_a_log_line_and_ddes_still_bounds_th
     assert len(kept_positions(cache)[0]) <= OVERFLOW.capacity
 
 
+def test_prompt_without_image_ranks_by_its_last_tokens_like_the_oracle():
+    """Without visual tokens DAP's observation queries are the prompt's last `observation_window` tokens (0:
+    every token), and the capacity rule keeps by their attention pooled over `pool_kernel` neighbours; the
+    choices keep different prompts here."""
+    new_tokens, seed = 30, 8
+    inputs = {"input_ids": torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(seed))}
+    prefill_kept = []
+    for observation_window, pool_kernel in ((0, 1), (8, 1), (8, 5)):
+        config = OVERFLOW.replace(observation_window=observation_window, pool_kernel=pool_kernel)
+        model = hae_fx.transform(model_for(seed), config, options={"hae.compiler": "eager"})
+        out, recorder = generate_recorded(model, config, inputs, new_tokens)
+        oracle = oracle_for(config, seed, inputs, new_tokens)
+        assert [kept[0] for kept in recorder.kept] == oracle.kept, config
+        assert [binned[0] for binned in recorder.binned] == oracle.binned, config
+        assert out.sequences[0, 40:].tolist() == oracle.tokens, config
+        prefill_kept.append(oracle.kept[0])
+    assert len({tuple(kept) for kept in prefill_kept}) == 3
+
+
 def test_bfloat16_multi_head_model_compiles_with_inductor():
     """Half-precision K/V with as many KV heads as query heads (LLaVA-1.5's layout) through Inductor: the DAP
     plan computes in float32 and its graph must lower like the rest; Inductor keeps the eager path's set."""

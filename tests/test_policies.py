@@ -40,6 +40,16 @@ def test_capacity_for_every_token_reproduces_full(policy):
     lengths = inputs["attention_mask"].sum(-1).tolist()
     seen = [n + new_tokens - 1 for n in lengths]
     assert hae_fx.cache.kept_positions(out.past_key_values) == [list(range(n)) for n in seen]
+    assert not arg_reductions(model), policy
+
+
+def arg_reductions(model) -> set[str]:
+    """The arg-reductions in `model`'s compiled graphs. Slot choices are min-reductions over indices
+    (`hae_fx.policies.base.first_index`): on an H200 with torch 2.11, Inductor compiled
+    `(slot_pos < 0).to(torch.int8).argmax(-1)` (the first free slot) into a kernel that chose an occupied slot, so a
+    decode step overwrote a prompt token (docs/gpu.md, "Resolved: ...")."""
+    return {name for records in model.hae_graphs.values() for record in records for name in record.op_counts
+            if name.rsplit(".", 1)[-1].split("_")[0] in ("argmax", "argmin")}
 
 
 #: policies whose Inductor graphs other tests check already (test_generate_full, test_streaming, test_hae)

@@ -67,6 +67,10 @@ class HAEConfig(PolicyConfig, metaclass=_ByPolicyName):
         bin_size: the recycle bin `d`. Evicted tokens wait there, still attended and able to come back, until
             `bin_size` of them are freed together. `1` frees every victim at once (greedy eviction).
         dap_layer: the decoder layer (0-based) whose attention Dual-Attention Pruning reads.
+        dap_global: when `dap_layer` is a sliding-window or chunked layer, read the first full-attention layer
+            after it instead (the last one before it when none follows). A windowed layer's prompt attention does
+            not reach past its window, so on a prompt longer than the window DAP would rank every earlier token
+            last (Gemma 3 270M's layer 1 sees 512 tokens). False reads `dap_layer` whatever its kind.
         r: DAP share threshold in [0, 1]; a visual token whose share of the text's attention to visual tokens is
             below `r` ...
         alpha: ... and whose largest attention from any text query is below `alpha` (in [0, 1]) is evicted.
@@ -80,12 +84,21 @@ class HAEConfig(PolicyConfig, metaclass=_ByPolicyName):
             it scores below `visual_first` times the mean text-candidate score; 0 turns it off.
         decay: scores are multiplied by `1 - decay` before each decode step (the paper's exponential decay `λ`);
             0 keeps plain cumulative attention.
+        observation_window: for a prompt without visual tokens, DAP's observation queries are its last
+            `observation_window` tokens (0: every prompt token). Summed over every query, attention favours early
+            tokens (more queries see them) and loses what the end of the prompt asks about; the last tokens are
+            the text prompt's counterpart of the question after an image.
+        pool_kernel: for a prompt without visual tokens, the capacity rule ranks each token by the largest score
+            within `pool_kernel // 2` positions of it (an odd width; 1 ranks by the token's own). One attended
+            token then keeps its neighbours, so a phrase (the digits of a number) survives whole, not a few of
+            its tokens (SnapKV's pooling).
     """
 
     policy = "hae"
 
     bin_size: int = 64
     dap_layer: int = 1
+    dap_global: bool = True
     r: float = 0.0015
     alpha: float = 0.0005
     prune_hidden: bool = False
@@ -93,6 +106,8 @@ class HAEConfig(PolicyConfig, metaclass=_ByPolicyName):
     score_source: str = "layers_mean"
     visual_first: float = 1.0
     decay: float = 0.0
+    observation_window: int = 32
+    pool_kernel: int = 7
 
     def validate(self) -> None:
         require_int(self, "bin_size", minimum=1)
@@ -101,9 +116,15 @@ class HAEConfig(PolicyConfig, metaclass=_ByPolicyName):
         require_fraction(self, "alpha")
         require_fraction(self, "decay", below_one=True)
         require_bool(self, "prune_hidden")
+        require_bool(self, "dap_global")
         require_optional_int(self, "max_visual_keep", minimum=0)
         require_choice(self, "score_source", SCORE_SOURCES)
         require_non_negative(self, "visual_first")
+        require_int(self, "observation_window", minimum=0)
+        require_int(self, "pool_kernel", minimum=1)
+        if self.pool_kernel % 2 == 0:
+            raise HAEConfigError(f"HAEConfig.pool_kernel={self.pool_kernel} must be odd (a window centred on each "
+                                 f"token); use {self.pool_kernel - 1} or {self.pool_kernel + 1}")
         budget = self.budget
         if self.bin_size > budget:
             raise HAEConfigError(
@@ -150,8 +171,16 @@ class HAEPolicy(Policy):
     def binned(self, state: SlotState) -> torch.Tensor:
         return state.extras["in_bin"] != 0
 
+    def dap_layer(self, global_layers: Sequence[int]) -> int:
+        """The layer DAP reads among a model whose full-attention layers are `global_layers` (`dap_global`)."""
+        config = self.config
+        if not config.dap_global or config.dap_layer in global_layers or not global_layers:
+            return config.dap_layer
+        later = [layer for layer in global_layers if layer > config.dap_layer]
+        return min(later) if later else max(global_layers)
+
     def prefill_layers(self, global_layers: Sequence[int]) -> tuple[int, ...]:
-        return (self.config.dap_layer,)
+        return (self.dap_layer(global_layers),)
 
     def pruned_after(self) -> int | None:
         return self.config.dap_layer if self.config.prune_hidden else None
@@ -160,7 +189,9 @@ class HAEPolicy(Policy):
         if 0 in visual_tokens:
             rows = [b for b, count in enumerate(visual_tokens) if count == 0]
             log.info("hae: sequence(s) %s of the prompt have no visual tokens: Dual-Attention Pruning is skipped for "
-                     "them (nothing to prune); DDES still bounds their cache during decode", rows)
+                     "them (nothing to prune); a prompt longer than the cache keeps the tokens its last %d attend "
+                     "to most (pooled over %d neighbours), and DDES bounds the cache during decode", rows,
+                     self.config.observation_window, self.config.pool_kernel)
 
     def prefill_kept_len(self, prompt_len: int, real_tokens: list[int], visual_tokens: list[int]) -> int:
         config = self.config
@@ -183,13 +214,14 @@ class HAEPolicy(Policy):
     def score_weights(self, layers: Sequence[int]) -> dict[int, float]:
         config = self.config
         if config.score_source == "dap_layer":
-            if config.dap_layer not in layers:
+            dap_layer = self.dap_layer(sorted(set(layers)))
+            if dap_layer not in layers:
                 raise HAESiteError(
-                    f"score_source='dap_layer' reads layer {config.dap_layer}'s attention, but the graph's attention "
+                    f"score_source='dap_layer' reads layer {dap_layer}'s attention, but the graph's attention "
                     f"over the evicting (global) cache slots is in layers {sorted(set(layers))}; choose a global "
                     "layer as dap_layer or score_source='layers_mean'"
                 )
-            return {config.dap_layer: 1.0}
+            return {dap_layer: 1.0}
         return super().score_weights(layers)
 
     def decode_slot(self, state: SlotState) -> torch.Tensor:
@@ -199,18 +231,22 @@ class HAEPolicy(Policy):
 
 # -- prefill: Dual-Attention Pruning ---------------------------------------------------------------------------
 
-def dap_scores(attention: torch.Tensor, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dap_scores(attention: torch.Tensor, prompt: Prompt, observation_window: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token DAP statistics from one layer's head-averaged attention `[B, Tq, Tk]`.
 
     Returns:
         `(total, peak, applies)`: `total[b, j]` and `peak[b, j]` are the sum and max, over the observation
-        queries (text after the last visual token; every token when there is none), of the head-averaged
-        attention on token `j`; `applies[b]` says whether the dual test applies (visual tokens and
-        observation queries both exist).
+        queries (text after the last visual token; when there is none, the last `observation_window` tokens, or
+        every token for 0), of the head-averaged attention on token `j`; `applies[b]` says whether the dual test
+        applies (visual tokens and observation queries both exist).
     """
     token_pos, valid = prompt.token_pos, prompt.valid
     visual = valid & (prompt.modality == VISUAL)
     last_visual = torch.where(visual, token_pos, -1).amax(dim=-1, keepdim=True)
+    if observation_window:  # a row without visual tokens (last_visual -1) observes from its last tokens
+        text_only_start = prompt.seen.view(-1, 1) - observation_window
+        last_visual = torch.where(last_visual < 0, text_only_start - 1, last_visual)
     observers = valid & ~visual & (token_pos > last_visual)
     attention = attention * observers.unsqueeze(-1)
     total = attention.sum(dim=1)
@@ -223,7 +259,7 @@ def dap_priority(config: HAEConfig, prompt: Prompt, attention: torch.Tensor) -> 
     """DAP steps 1-5 of docs/hae.md as priorities: protected tokens first, then text (DAP prunes images, not the
     prompt's words), then visual, by `S0` within a tier; tokens the dual test (or the cap) evicts never. The score
     each token starts with is its `S0`."""
-    total, peak, applies = dap_scores(attention, prompt)
+    total, peak, applies = dap_scores(attention, prompt, config.observation_window)
     token_pos, valid = prompt.token_pos, prompt.valid
     visual = valid & (prompt.modality == VISUAL)
     protected = valid & ((token_pos < config.sinks) | (token_pos >= prompt.seen - max(config.window, 1)))
@@ -235,8 +271,13 @@ def dap_priority(config: HAEConfig, prompt: Prompt, attention: torch.Tensor) -> 
         evicted = evicted | (eligible & (_descending_rank(total, eligible) >= config.max_visual_keep))
     survivor = valid & ~evicted
 
-    text_tier = torch.where(valid, total, 0.0).amax(dim=-1, keepdim=True) + 1.0
-    ranked_score = torch.where(visual, total, total + text_tier)
+    ranked = total
+    if config.pool_kernel > 1:  # rows without visual tokens rank by their neighbourhood's best score
+        pooled = torch.nn.functional.max_pool1d(total.unsqueeze(1), config.pool_kernel, stride=1,
+                                                padding=config.pool_kernel // 2).squeeze(1)
+        ranked = torch.where(visual.any(dim=-1, keepdim=True), total, pooled)
+    text_tier = torch.where(valid, ranked, 0.0).amax(dim=-1, keepdim=True) + 1.0
+    ranked_score = torch.where(visual, ranked, ranked + text_tier)
     priority = torch.where(protected, MUST_KEEP, torch.where(survivor, ranked_score, NEVER_KEEP))
     return priority, total
 
