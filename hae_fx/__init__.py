@@ -25,6 +25,7 @@ from hae_fx.errors import (
     HAEPackageTruncatedError,
     HAEPackageVersionError,
     HAESiteError,
+    HAETensorParallelError,
     HAEUnsupportedModelError,
     HAEWeightLayoutError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "HAEPackageTruncatedError",
     "HAEPackageVersionError",
     "HAESiteError",
+    "HAETensorParallelError",
     "HAEUnsupportedModelError",
     "HAEWeightLayoutError",
     "ModelInspection",

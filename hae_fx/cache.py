@@ -33,7 +33,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hae_fx.config import PolicyConfig
-from hae_fx.errors import HAECapacityError, HAEConfigError, HAEError, HAEUnsupportedModelError
+from hae_fx.errors import (
+    HAECapacityError,
+    HAEConfigError,
+    HAEError,
+    HAETensorParallelError,
+    HAEUnsupportedModelError,
+)
 from hae_fx.kv_quant import is_quantized, storage_dtype
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind
 from hae_fx.modality import TEXT, VISUAL
@@ -41,6 +47,7 @@ from hae_fx.ops.refuse import refuse
 from hae_fx.policies import policy_for
 from hae_fx.ring import ring_decode_slot, ring_prefill
 from hae_fx.slots import CacheRole, SlotBuffers, role_of, static_buffer
+from hae_fx.tensor_parallel import TensorParallel, check_same_config, local_kv_heads, tensor_parallel_of
 from hae_fx.validation import check_device_holds
 
 __all__ = ["TEXT", "VISUAL", "CacheRole", "HAECache", "HAELayer", "binned_positions", "kept_positions", "role_of"]
@@ -144,10 +151,13 @@ class HAECache(Cache):
         kv_heads, head_dim: attention geometry of the decoder.
         dtype, device: of the K/V buffers (the metadata uses its own dtypes).
         layer_kinds: each layer's attention span (`hae_fx.layer_kinds`); all global when None.
+        tensor_parallel: the model's head split across ranks (`hae_fx.tensor_parallel`), None in one process;
+            `kv_heads` is then this rank's share.
     """
 
     def __init__(self, config: PolicyConfig, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, layer_kinds: list[LayerKind] | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str, layer_kinds: list[LayerKind] | None = None,
+                 tensor_parallel: TensorParallel | None = None) -> None:
         if layer_kinds is None:
             layer_kinds = [LayerKind(FULL)] * num_layers
         if len(layer_kinds) != num_layers:
@@ -156,6 +166,13 @@ class HAECache(Cache):
         self.capacity = config.capacity
         self.policy = policy_for(config)
         self.policy.check_model(num_layers)  # e.g. a dap_layer beyond the depth, before layers are grouped by it
+        if tensor_parallel is not None and self.policy.reads_values:
+            raise HAETensorParallelError(
+                f"policy {config.policy!r} ranks tokens by their value vectors, which tensor parallelism splits across "
+                "ranks by head; its choice would differ from rank to rank. Use it in one process, or another policy "
+                "(e.g. 'hae', 'snapkv', 'h2o') under tensor parallelism"
+            )
+        self.tensor_parallel = tensor_parallel
         self.pruned_after = self.policy.pruned_after()
         global_layers = [index for index, kind in enumerate(layer_kinds) if not kind.windowed]
         capacities = self._group_layers(global_layers, num_layers)
@@ -181,7 +198,7 @@ class HAECache(Cache):
                                             f"{num_layers} layers of {kv_heads} KV heads x {head_dim} ({dtype})")
         for layer in layers:
             layer.allocate(batch, kv_heads, head_dim, dtype, device)
-        self.slots = SlotBuffers(config, self.policy, batch, device, capacities, kv_heads)
+        self.slots = SlotBuffers(config, self.policy, batch, device, capacities, kv_heads, tensor_parallel)
         #: the layers whose prompt attention the policy's prefill plan reads; per slot group, those it plans from
         #: and the layer that emits its plan (a group without such layers plans at its first layer)
         self.plan_layers = self.policy.prefill_layers(global_layers)
@@ -262,13 +279,19 @@ class HAECache(Cache):
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, config: PolicyConfig, batch: int) -> HAECache:
-        """A cache shaped for `model`'s text decoder, on its device and in its dtype."""
+        """A cache shaped for `model`'s text decoder, on its device and in its dtype; for a model HF sharded with a
+        `tp_plan`, this rank's KV heads, after checking that every rank passed the same config (a collective then:
+        every rank calls it, as every rank calls generate)."""
         from hae_fx.models import family_of
 
         family = family_of(model)
         kv_heads, head_dim = family.kv_geometry(model)
+        tp = tensor_parallel_of(model, kv_heads)
+        kv_heads = local_kv_heads(kv_heads, tp, type(model).__name__)
+        check_same_config(tp, config.key())
         return cls(config, num_layers=family.num_layers(model), batch=batch, kv_heads=kv_heads,
-                   head_dim=head_dim, dtype=model.dtype, device=model.device, layer_kinds=family.layer_kinds(model))
+                   head_dim=head_dim, dtype=model.dtype, device=model.device, layer_kinds=family.layer_kinds(model),
+                   tensor_parallel=tp)
 
     # -- memory ------------------------------------------------------------------------------------------------
     def buffers(self) -> list[torch.Tensor]:
@@ -483,7 +506,16 @@ class HAECache(Cache):
                                     chunks=[kind.span if kind.kind == CHUNKED else 0 for kind in kinds],
                                     token_pos=self.prompt_pos, token_modality=self.prompt_modality,
                                     **self.slots.plan_arguments(group), kept=self.kept_len_carriers[group],
-                                    config=self.config_key, group=group, groups=len(self.slots.groups))
+                                    config=self.config_key, group=group, groups=len(self.slots.groups),
+                                    **self._plan_reduction())
+
+    def _plan_reduction(self) -> dict[str, object]:
+        """The prefill plan's arguments that average its head-averaged attention across tensor-parallel ranks; none
+        in one process, or for a policy that decides per KV head (each head's rank decides alone)."""
+        tp = self.tensor_parallel
+        if tp is None or self.policy.head_axis:
+            return {}
+        return {"tp_group": tp.group_name, "tp_degree": tp.degree}
 
     def _chunk_write(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """A follow-up turn's chunk (`hae_fx.turns`, for a policy that never evicts): at layer 0 its tokens take the

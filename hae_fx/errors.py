@@ -47,3 +47,9 @@ class HAEPackageCorruptError(HAEPackageError):
 
 class HAEPackageConfigError(HAEPackageError):
     """The package was built for another eviction config than the one expected."""
+
+
+class HAETensorParallelError(HAEError, ValueError):
+    """A tensor-parallel model whose ranks cannot keep one cache layout: a TP degree that does not divide the KV
+    heads, ranks transformed with different policy configs, a cache built for another degree, or a policy whose
+    decisions read sharded state that is not reduced across ranks."""

@@ -30,6 +30,7 @@ import torch
 
 from hae_fx.config import PolicyConfig
 from hae_fx.policies.base import Policy, SlotState, slot_index
+from hae_fx.tensor_parallel import TensorParallel
 
 #: the buffers every cache has, with their dtypes and the value `reset` fills them with
 CORE_BUFFERS: dict[str, tuple[torch.dtype, int]] = {
@@ -47,13 +48,15 @@ class CacheRole:
     """What a tensor is inside an `HAECache`: `kind` is `keys`, `values`, a core buffer name (`CORE_BUFFERS`) or
     `extra` (a policy's own buffer, named by `name`); `layer` for keys and values; `config`, the cache's policy
     config, which the passes read (e.g. which layers feed the scores); `group`, the `SlotGroup` whose slot metadata
-    the tensor is or (keys and values) follows."""
+    the tensor is or (keys and values) follows; `tensor_parallel`, the cache's head split across ranks (None: one
+    process), which the rewrite reads to average the per-slot attention across ranks (`hae_fx.tensor_parallel`)."""
 
     kind: str
     layer: int | None = None
     config: PolicyConfig | None = field(default=None, compare=False)
     name: str | None = None
     group: int = 0
+    tensor_parallel: TensorParallel | None = field(default=None, compare=False)
 
 
 def role_of(tensor: object) -> CacheRole | None:
@@ -75,7 +78,7 @@ class SlotGroup:
     (`Policy.layer_capacities`); then each global layer has a group, and its K/V buffers are sized to it."""
 
     def __init__(self, config: PolicyConfig, policy: Policy, batch: int, capacity: int, device: torch.device,
-                 index: int, kv_heads: int = 1) -> None:
+                 index: int, kv_heads: int = 1, tensor_parallel: TensorParallel | None = None) -> None:
         self.index, self.capacity = index, capacity
         rows = (batch, kv_heads) if policy.head_axis else (batch,)
         self.core: dict[str, torch.Tensor] = {}
@@ -84,7 +87,8 @@ class SlotGroup:
                 continue  # one per cache: `SlotBuffers.seen`
             shape = rows if name in PER_SEQUENCE else (*rows, capacity)
             tensor = torch.full(shape, fill, dtype=dtype, device=device)
-            self.core[name] = static_buffer(tensor, CacheRole(name, config=config, group=index))
+            self.core[name] = static_buffer(tensor, CacheRole(name, config=config, group=index,
+                                                              tensor_parallel=tensor_parallel))
         self.extras: dict[str, torch.Tensor] = {}
         for name, spec in policy.extra_buffers().items():
             dtype, trailing = spec if isinstance(spec, tuple) else (spec, ())
@@ -119,12 +123,14 @@ class SlotGroup:
 class SlotBuffers:
     """The slot metadata of one cache, allocated for `batch` sequences: one `SlotGroup` per distinct index set
     (`capacities`, one per group; `[config.capacity]` for a policy that keeps one set), the shared `seen` and the
-    policy's per-sequence buffers (`shared`). `kv_heads` sizes the head axis of a policy with one."""
+    policy's per-sequence buffers (`shared`). `kv_heads` sizes the head axis of a policy with one; `tensor_parallel`
+    is the cache's head split across ranks, recorded in the groups' roles."""
 
     def __init__(self, config: PolicyConfig, policy: Policy, batch: int, device: torch.device,
-                 capacities: list[int] | None = None, kv_heads: int = 1) -> None:
+                 capacities: list[int] | None = None, kv_heads: int = 1,
+                 tensor_parallel: TensorParallel | None = None) -> None:
         capacities = capacities or [config.capacity]
-        self.groups = [SlotGroup(config, policy, batch, capacity, device, index, kv_heads)
+        self.groups = [SlotGroup(config, policy, batch, capacity, device, index, kv_heads, tensor_parallel)
                        for index, capacity in enumerate(capacities)]
         seen_dtype, seen_fill = CORE_BUFFERS["seen"]
         self.seen = static_buffer(torch.full((batch,), seen_fill, dtype=seen_dtype, device=device),

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hae_fx.errors import HAECapacityError, HAEConfigError
+from hae_fx.errors import HAECapacityError, HAEConfigError, HAETensorParallelError
 
 #: HF generation modes hae_fx runs: one token per sequence per step
 SUPPORTED_MODES = ("greedy_search", "sample")
@@ -128,6 +128,7 @@ def check_cache_fits_model(cache, model: torch.nn.Module, family, model_policy) 
     Raises:
         HAEConfigError: layers, layer kinds, dtype, device or hidden-state pruning differ from the model's, or the
             cache's policy does not fit the model's depth (e.g. `dap_layer` beyond it).
+        HAETensorParallelError: the cache was built for another tensor-parallel degree or process group.
     """
     fix = "build it with hae_fx.HAECache.for_model(model, config, batch)"
     num_layers = family.num_layers(model)
@@ -148,12 +149,29 @@ def check_cache_fits_model(cache, model: torch.nn.Module, family, model_policy) 
             f"the HAECache computes in {layer.dtype} on {layer.device} but the model computes in {model.dtype} on "
             f"{model.device}; {fix}"
         )
+    check_cache_degree(cache, model, family)
     cache.policy.check_model(num_layers)
     if cache.pruned_after != model_policy.pruned_after():
         raise HAEConfigError(
             f"the HAECache prunes hidden states after layer {cache.pruned_after} but the model was transformed to "
             f"prune after layer {model_policy.pruned_after()} (None: no pruning); hidden-state pruning is installed "
             "by hae_fx.transform, so build the cache with the prune_hidden/dap_layer of model.hae_config"
+        )
+
+
+def check_cache_degree(cache, model: torch.nn.Module, family) -> None:
+    """Refuse a cache built for another tensor-parallel layout than the model's: its buffers would hold another
+    share of the KV heads, and its scores would be averaged over other ranks, or none."""
+    from hae_fx.tensor_parallel import tensor_parallel_of
+
+    expected = tensor_parallel_of(model, family.kv_geometry(model)[0])
+    held = cache.tensor_parallel
+    if held != expected:
+        def described(tp) -> str:
+            return "one process" if tp is None else f"degree {tp.degree} (process group {tp.group_name!r})"
+        raise HAETensorParallelError(
+            f"the HAECache was built for tensor parallelism of {described(held)} but the model runs on "
+            f"{described(expected)}; build it on each rank with hae_fx.HAECache.for_model(model, config, batch)"
         )
 
 

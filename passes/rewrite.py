@@ -21,6 +21,7 @@ from hae_fx.config import PolicyConfig
 from hae_fx.errors import HAESiteError
 from hae_fx.passes.sites import AttentionSite, find_attention_sites, is_dequantize, scale_of
 from hae_fx.policies import policy_for
+from hae_fx.tensor_parallel import mean_over_ranks
 
 
 def is_hae_op(target: object) -> bool:
@@ -74,7 +75,8 @@ def rewrite_attention(gm: fx.GraphModule, roles: dict[fx.Node, CacheRole]) -> Re
         for site in sites:
             group = group_of.get(site.layer, 0)
             valid_pos = rings.get(site.layer) or _placeholder(roles, "slot_pos", group)
-            _rewrite_site(graph, site, valid_pos, _placeholder(roles, "score", group), weights.get(site.layer),
+            score = _placeholder(roles, "score", group)
+            _rewrite_site(graph, site, valid_pos, score, roles[score], weights.get(site.layer),
                           _slot_scales(roles, site.layer))
     _check_only_hae_ops_read_slots(graph, roles)
     graph.lint()
@@ -111,7 +113,7 @@ def _score_weights(sites: list[AttentionSite], config: PolicyConfig | None) -> d
     return policy_for(config).score_weights(layers)
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, score: fx.Node,
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, score: fx.Node, score_role: CacheRole,
                   score_weight: float | None, slot_scales: dict[str, fx.Node]) -> None:
     args = (site.query, site.keys, site.values, valid_pos, scale_of(site))
     with graph.inserting_before(site.output):
@@ -121,6 +123,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, scor
             attention = graph.call_function(torch.ops.hae.slot_attention.default, args, slot_scales)
             out = graph.call_function(operator.getitem, (attention, 0))
             slot_weight = graph.call_function(operator.getitem, (attention, 1))
+            slot_weight = _averaged_across_ranks(graph, slot_weight, score_role)
             graph.call_function(torch.ops.aten.add_.Tensor, (score, slot_weight), {"alpha": score_weight})
     out.meta.update(site.output.meta)
     site.output.replace_all_uses_with(out)
@@ -131,6 +134,16 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, valid_pos: fx.Node, scor
             "the rewrite (e.g. attention probabilities returned by output_attentions=True); hae_fx cannot return "
             "per-token attention over evicting slots: generate without output_attentions"
         )
+
+
+def _averaged_across_ranks(graph: fx.Graph, slot_weight: fx.Node, score_role: CacheRole) -> fx.Node:
+    """`slot_weight` (this rank's heads' mean per-slot attention) averaged across tensor-parallel ranks, so every
+    rank adds the single-process score and evicts the same slot; unchanged in one process, or where the score is
+    per KV head (`[B, Hkv, C]`: each head's rank decides alone)."""
+    tp = score_role.tensor_parallel
+    if tp is None or score_role.config is None or policy_for(score_role.config).head_axis:
+        return slot_weight
+    return graph.call_function(mean_over_ranks, (slot_weight, tp.group_name, tp.degree))
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:

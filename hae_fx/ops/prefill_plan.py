@@ -17,6 +17,7 @@ from hae_fx.errors import HAESiteError
 from hae_fx.modality import TEXT
 from hae_fx.policies import policy_from_key
 from hae_fx.policies.base import NEVER_KEEP, Prompt, SlotState, fill_prefix
+from hae_fx.tensor_parallel import mean_over_ranks
 
 
 def mean_attention(query: torch.Tensor, key: torch.Tensor, token_pos: torch.Tensor, scale: float | torch.Tensor,
@@ -80,7 +81,8 @@ def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], 
                   scales: list[float], windows: list[int], chunks: list[int], masks: list[torch.Tensor | None],
                   token_pos: torch.Tensor, token_modality: torch.Tensor, slot_pos: torch.Tensor, score: torch.Tensor,
                   modality: torch.Tensor, seen: torch.Tensor, prefill_keep: torch.Tensor, extras: list[torch.Tensor],
-                  kept: torch.Tensor, config: str, group: int = 0, groups: int = 1) -> None:
+                  kept: torch.Tensor, config: str, group: int = 0, groups: int = 1, tp_group: str = "",
+                  tp_degree: int = 1) -> None:
     """Decide the prompt's keep set and write it to the slot metadata and `prefill_keep` (see `plan_prefill`).
 
     `queries`/`keys`/`values`/`scales`: per layer the policy reads, that layer's attention query `[B, Hq, T, D]`,
@@ -89,19 +91,22 @@ def prefill_plan_(queries: list[torch.Tensor | None], keys: list[torch.Tensor], 
     attention the layer computes. `kept`: an empty `[0, K]` tensor whose width is the number of prompt tokens kept
     (a tensor dimension stays symbolic in the one prefill graph for every prompt length; an int argument breaks
     Inductor's decomposition of the functionalized op). `config`: the policy config's key. `group`, `groups`: the
-    slot group planned and the cache's number of groups (`Prompt.group`)."""
+    slot group planned and the cache's number of groups (`Prompt.group`). `tp_group`, `tp_degree`: under tensor
+    parallelism, the process group across whose ranks the head-averaged attention is averaged before the policy
+    reads it, so every rank keeps the same tokens (`hae_fx.tensor_parallel`); "" in one process."""
     plan_prefill(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score,
-                 modality, seen, prefill_keep, extras, kept, config, group, groups)
+                 modality, seen, prefill_keep, extras, kept, config, group, groups, tp_group, tp_degree)
 
 
 @prefill_plan_.register_fake
 def _(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score, modality,
-      seen, prefill_keep, extras, kept, config, group=0, groups=1) -> None:
+      seen, prefill_keep, extras, kept, config, group=0, groups=1, tp_group="", tp_degree=1) -> None:
     return None
 
 
 def plan_prefill(queries, keys, values, scales, windows, chunks, masks, token_pos, token_modality, slot_pos, score,
-                 modality, seen, prefill_keep, extras, kept, config, group=0, groups=1) -> None:
+                 modality, seen, prefill_keep, extras, kept, config, group=0, groups=1, tp_group="",
+                 tp_degree=1) -> None:
     """The op's reference implementation, shared with its Inductor decomposition.
 
     The policy ranks the prompt tokens; the `kept_len = kept.shape[1]` highest (equal priorities: the lower position
@@ -125,6 +130,8 @@ def plan_prefill(queries, keys, values, scales, windows, chunks, masks, token_po
                                 per_kv_head=policy.head_axis)
                  for q, k, scale, row_scale, window, chunk, mask
                  in zip(queries, keys, scales, row_scales, windows, chunks, masks, strict=True)]
+    if tp_group:
+        attention = [mean_over_ranks(layer, tp_group, tp_degree) for layer in attention]
     priority, token_score, *initial = policy.prefill_priority(prompt, attention)
     kept_len = kept.shape[1]
     slot_dim = priority.dim() - 1  # 2 for a policy ranking per KV head ([B, Hkv, T]), else 1

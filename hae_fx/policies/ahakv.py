@@ -67,6 +67,7 @@ class AhaKVConfig(PolicyConfig):
 class AhaKVPolicy(ScoredPolicy):
     config_class = AhaKVConfig
     decode_needs_own_prefill = True  # the row history and value prior its prefill writes
+    reads_values = True  # the value prior, from value norms averaged over KV heads
 
     def extra_buffers(self) -> dict[str, torch.dtype | tuple[torch.dtype, tuple[int, ...]]]:
         return {"history": (torch.float32, (self.config.window,)), "prior": torch.float32}

@@ -187,6 +187,9 @@ class Policy:
     #: whether each KV head keeps an index set of its own (MadaKV): slot metadata is `[B, Hkv, C]` (`step_slot`
     #: `[B, Hkv]`), the prefill hooks see attention per KV head and rank per head, decode chooses a slot per head
     head_axis: ClassVar[bool] = False
+    #: whether the decisions read the prompt's or new tokens' value vectors (AhaKV's value prior), which tensor
+    #: parallelism splits across ranks by head: such a policy is refused there (`hae_fx.tensor_parallel`)
+    reads_values: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config

@@ -90,6 +90,7 @@ class ComposedPolicy(Policy):
         self.decode_half = policy_for(config.decode)
         self.evicts = self.prefill_half.evicts or self.decode_half.evicts
         self.merges_evicted = self.prefill_half.merges_evicted
+        self.reads_values = self.prefill_half.reads_values or self.decode_half.reads_values
 
     # -- model and buffers: the decode half's state, the prefill half's layer layout -----------------------------
     def check_model(self, num_layers: int) -> None:
