@@ -273,8 +273,11 @@ def dap_priority(config: HAEConfig, prompt: Prompt, attention: torch.Tensor) -> 
 
     ranked = total
     if config.pool_kernel > 1:  # rows without visual tokens rank by their neighbourhood's best score
-        pooled = torch.nn.functional.max_pool1d(total.unsqueeze(1), config.pool_kernel, stride=1,
-                                                padding=config.pool_kernel // 2).squeeze(1)
+        # pad and unfold rather than max_pool1d, whose decomposition differs between a symbolic prompt length and a
+        # concrete one (Inductor re-traces the plan op with its example sizes and checks the graphs match); the
+        # scores are >= 0, so zero padding never wins
+        reach = config.pool_kernel // 2
+        pooled = torch.nn.functional.pad(total, (reach, reach)).unfold(-1, config.pool_kernel, 1).amax(dim=-1)
         ranked = torch.where(visual.any(dim=-1, keepdim=True), total, pooled)
     text_tier = torch.where(valid, ranked, 0.0).amax(dim=-1, keepdim=True) + 1.0
     ranked_score = torch.where(visual, ranked, ranked + text_tier)
