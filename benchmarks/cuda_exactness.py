@@ -151,12 +151,15 @@ def describe(divergence: dict) -> str:
 
 def variant_name(text: str) -> str:
     """The path name of an `--inductor-variant` (`key=value,...`); its values are Python literals."""
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if not value or key.strip() not in torch._inductor.config.get_config_copy():
-            raise argparse.ArgumentTypeError(f"{item!r} is not `key=value` with an Inductor config key")
-        ast.literal_eval(value.strip())
-    return f"hae_inductor[{text}]"
+    name = f"hae_inductor[{text}]"
+    try:
+        settings = variant_settings(name)
+    except (ValueError, SyntaxError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not `key=value,...` with Python literal values") from error
+    unknown = settings.keys() - torch._inductor.config.get_config_copy().keys()
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{sorted(unknown)} are not Inductor config keys")
+    return name
 
 
 def variant_settings(name: str) -> dict:

@@ -245,7 +245,7 @@ def dap_scores(attention: torch.Tensor, prompt: Prompt, observation_window: int
     visual = valid & (prompt.modality == VISUAL)
     last_visual = torch.where(visual, token_pos, -1).amax(dim=-1, keepdim=True)
     if observation_window:  # a row without visual tokens (last_visual -1) observes from its last tokens
-        text_only_start = prompt.seen.view(-1, 1) - observation_window
+        text_only_start = prompt.seen - observation_window
         last_visual = torch.where(last_visual < 0, text_only_start - 1, last_visual)
     observers = valid & ~visual & (token_pos > last_visual)
     attention = attention * observers.unsqueeze(-1)
