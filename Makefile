@@ -14,8 +14,10 @@ TEST_VENV := .venv/test
 demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/hae-fx demo
 
+# Two pytest workers, one test file each at a time (module fixtures are built once), one thread each: the suite's
+# torch work is small ops, so two single-threaded processes finish sooner than one with two threads.
 test: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m ruff check hae_fx passes models tests examples benchmarks

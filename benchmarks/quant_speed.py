@@ -15,9 +15,10 @@ floor `(weight bytes + KV bytes read per step) / bandwidth` and the ratio to it,
 `hf_int4`, CUDA-graph skips and graph counts. HF's static cache reads every slot of its `prompt + new` buffer each
 step; hae reads its capacity.
 
-    python benchmarks/quant_speed.py --out DIR                  # about 4 minutes on an H200
+    python benchmarks/quant_speed.py --out DIR                  # every row (docs/quantization.md: their times)
     python benchmarks/quant_speed.py --device cpu --out DIR     # tiny LLaVA, int8 weights: a functional check
     python benchmarks/quant_speed.py --rows hae_int4_int8kv --out DIR   # one hae row (after hf_int4, its reference)
+    python benchmarks/quant_speed.py --rows hae_int4 --text-layers 2 --out DIR   # a row's compile, in minutes
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import gpu_hae
 import torch
+from gpu_families import build as build_model
+from gpu_families import llava7b_config
 from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
 import hae_fx
@@ -57,10 +60,15 @@ def decoder_weight_bytes(model: torch.nn.Module) -> int:
                and "multi_modal_projector" not in name)
 
 
-def build(device: str) -> torch.nn.Module:
+def build(device: str, text_layers: int | None) -> torch.nn.Module:
+    """The seeded model of every row (each build is the same weights); `text_layers`: its first decoder layers only."""
+    if device == "cuda" and text_layers is None:
+        return gpu_hae.llava7b_shaped()
     if device == "cuda":
-        return gpu_hae.llava7b_shaped()  # seeded: every build is the same model
-    return tiny_llava(seed=0, text_layers=4, initializer_range=0.2)
+        config = llava7b_config(tiny=False)
+        config.text_config.num_hidden_layers = text_layers
+        return build_model(config, device, torch.bfloat16)
+    return tiny_llava(seed=0, text_layers=text_layers or 4, initializer_range=0.2)
 
 
 def quantize_weights(model: torch.nn.Module, device: str) -> str:
@@ -112,18 +120,20 @@ def hf_static_kv_bytes(model: torch.nn.Module, batch: int, length: int) -> int:
     return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * head_dim * model.dtype.itemsize
 
 
-def measure(label: str, device: str, batch: int, reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+def measure(label: str, device: str, batch: int, text_layers: int | None,
+            reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = build(device)
+    model = build(device, text_layers)
     weights = quantize_weights(model, device) if "int4" in label else str(model.dtype)
     inputs = prompt_inputs(model, device, batch)
     prompt_len = inputs["input_ids"].shape[1]
     row: dict = {"label": label, "weights": weights, "batch": batch, "prompt_len": prompt_len,
+                 "text_layers": model.config.text_config.num_hidden_layers,
                  "new_tokens": NEW_TOKENS, "weight_bytes": decoder_weight_bytes(model),
                  "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                  "torch": torch.__version__}
@@ -162,6 +172,8 @@ def main() -> None:
                         help="only these rows, in this order (default: all but hae_int4, which --all adds); a hae "
                              "row brings hf_int4 first, the reference of its token agreement. Splits a run that "
                              "does not fit one call's time limit (a 32-layer hae compile takes minutes)")
+    parser.add_argument("--text-layers", type=int, default=None,
+                        help="only the first N decoder layers (a quick check of a row's compile on the GPU)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +182,7 @@ def main() -> None:
         labels.insert(0, "hf_int4")
     rows, reference = [], None
     for label in labels:
-        row, tokens = measure(label, args.device, args.batch, reference)
+        row, tokens = measure(label, args.device, args.batch, args.text_layers, reference)
         if label == "hf_int4":
             reference = tokens
         rows.append(row)

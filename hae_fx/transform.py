@@ -63,6 +63,13 @@ log = logging.getLogger("hae_fx")
 #: one-token prompt); every prompt length of a batch size shares one graph
 PREFILL_SHAPES_PER_MODEL = 64
 
+#: Inductor settings of the graphs that run once per request (the prompt's, and a follow-up turn's chunk), unless
+#: `options` names them: coordinate-descent tuning benchmarks each kernel's neighbouring launch configs on its first
+#: run, which pays on a decode step replayed per token and not on a dynamic-length prompt graph. torchao's
+#: `quantize_` turns it on process-wide (`set_inductor_config=True`, its default); on an H200 the prompt graph of
+#: two LLaVA-7B-shaped layers with int4 weights was still being tuned after 250 s (docs/quantization.md).
+ONCE_PER_REQUEST_INDUCTOR = {"coordinate_descent_tuning": False}
+
 
 def _own_code(function: Callable[..., Any]) -> Callable[..., Any]:
     """A copy of `function` with its own code object.
@@ -87,7 +94,8 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
             `hae_fx.policies`, e.g. `hae_fx.policies.snapkv.SnapKVConfig(...)`); `HAEConfig()` when None.
         mode: torch.compile mode for prefill and decode (e.g. `"reduce-overhead"` for CUDA graphs).
         options: Inductor config patches, plus `"hae.compiler": "eager"` to run the rewritten graphs without
-            Inductor (the eager-reference path).
+            Inductor (the eager-reference path). The prompt and chunk graphs also take
+            `ONCE_PER_REQUEST_INDUCTOR` where `options` does not set those keys.
         decode_loop: `"hae"` runs greedy and multinomial decoding in `hae_fx.decode_loop` (HF's tokens without a
             host-device synchronisation per step); `"hf"` keeps HF's own loop for every request.
         fuse_projections: pack each decoder layer's sibling projection weights (q/k/v, gate/up) into one storage
@@ -118,11 +126,14 @@ def transform(model: torch.nn.Module, config: PolicyConfig | None = None, *, mod
         options = {**(options or {}), FUSE_OPTION: False}
 
     def backend_for(phase: str) -> Any:
+        phase_options = options if phase == "decode" else {**ONCE_PER_REQUEST_INDUCTOR, **(options or {})}
+
         def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
             log.info("hae: compiling the %s graph (%s, compiler %s)...", phase, _shapes_note(phase),
                      (options or {}).get("hae.compiler", "inductor"))
             start = time.perf_counter()
-            compiled = hae_backend(gm, example_inputs, mode=mode, options=options, on_rewrite=graphs[phase].append)
+            compiled = hae_backend(gm, example_inputs, mode=mode, options=phase_options,
+                                   on_rewrite=graphs[phase].append)
             log.info("hae: %s graph compiled in %.1f s", phase, time.perf_counter() - start)
             return compiled
 

