@@ -52,6 +52,7 @@ EXAMPLES = {
   hae-fx generate --model ./llava-1.5-7b-hf --image cat.png --prompt "What is in the picture?" --budget 0.5
   hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "The capital of France is" --policy streaming
   hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "Once upon a time" --compiler eager  # no compile wait
+  torchrun --nproc-per-node 2 -m hae_fx generate --model ./Llama-3.1-8B --prompt "Hi" --device cuda  # 2 GPUs
 """,
     "bench": """examples:
   hae-fx bench accuracy --quick                       # 60 questions, 3 budgets, every policy
@@ -193,9 +194,15 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     inputs, tokenizer = _prompt_inputs(args, multimodal)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    log.info("loading %s", args.model)
-    model = _model_class(config).from_pretrained(args.model, local_files_only=True, dtype=dtype).to(args.device).eval()
-    inputs = {name: value.to(args.device) for name, value in inputs.items()}
+    ranks = tensor_parallel_ranks(args.device)
+    if ranks > 1:
+        log.info("loading %s, sharded over %d ranks by its tensor-parallel plan", args.model, ranks)
+        model = _model_class(config).from_pretrained(args.model, local_files_only=True, dtype=dtype, tp_plan="auto")
+    else:
+        log.info("loading %s", args.model)
+        model = _model_class(config).from_pretrained(args.model, local_files_only=True, dtype=dtype).to(args.device)
+    model.eval()
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
     hae_config = policy_config(args.policy, args.budget, prompt_len + args.max_new_tokens)
     options = {"hae.compiler": "eager"} if args.compiler == "eager" else None
@@ -203,7 +210,8 @@ def run_generate(args: argparse.Namespace) -> None:
                      options=options)
     from transformers import TextStreamer
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # every rank computes the same tokens; one prints them
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if first_rank else None
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
                          return_dict_in_generate=True)
@@ -212,9 +220,27 @@ def run_generate(args: argparse.Namespace) -> None:
     summary = hae_fx.report(out.past_key_values)
     visual = summary.sequences[0]
     kept = f", visual tokens kept {visual.kept_visual}/{visual.prompt_visual}" if visual.prompt_visual else ""
-    print(f"{new_tokens} tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tokens/s, compile included); "
-          f"{args.policy} KV {_size(summary.kv_bytes)} vs full {_size(summary.full_kv_bytes)} "
-          f"({summary.kv_saving:.0%} less){kept}")
+    per_rank = f" per rank of {ranks}" if ranks > 1 else ""
+    if first_rank:
+        print(f"{new_tokens} tokens in {seconds:.1f} s ({new_tokens / seconds:.1f} tokens/s, compile included); "
+              f"{args.policy} KV {_size(summary.kv_bytes)} vs full {_size(summary.full_kv_bytes)}{per_rank} "
+              f"({summary.kv_saving:.0%} less){kept}")
+    if ranks > 1:
+        torch.distributed.destroy_process_group()  # HF's plan created it
+
+
+def tensor_parallel_ranks(device: str) -> int:
+    """The processes torchrun launched (`WORLD_SIZE`), which `generate` shards the model across with HF's
+    tensor-parallel plan (`docs/tensor_parallel.md`); 1 outside torchrun.
+
+    Raises:
+        UsageError: a device index under torchrun, where each rank takes its own device (`LOCAL_RANK`).
+    """
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
+                         "--device cuda (or cpu)")
+    return ranks
 
 
 def _size(nbytes: int) -> str:

@@ -52,8 +52,11 @@ def hae_fx_main(capsys):
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> Path:
-    """A tiny Llama and a word-level tokenizer, saved as a checkpoint folder."""
-    folder = tmp_path_factory.mktemp("tiny_llama")
+    return save_text_checkpoint(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def save_text_checkpoint(folder: Path) -> Path:
+    """A tiny Llama (4 query, 2 KV heads) and a word-level tokenizer of `WORDS`, saved as a checkpoint folder."""
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

@@ -159,3 +159,25 @@ def test_cache_built_for_another_degree_is_refused():
     cache = _cache(policy, TensorParallel(degree=2, rank=0, group_name="0"))
     with pytest.raises(HAETensorParallelError, match="degree 2 .* one process"):
         model.generate(torch.tensor([[1, 2, 3]]), past_key_values=cache, max_new_tokens=2, do_sample=False)
+
+
+def test_cli_generate_under_torchrun_streams_the_one_process_tokens(tmp_path):
+    """`torchrun --nproc-per-node 2 -m hae_fx generate ...`: the model is sharded by its plan, one rank streams the
+    tokens one process streams (`hae` evicts: 14 slots for 29 tokens) and one summary line, with half the K/V bytes
+    per rank."""
+    from tests.test_cli import save_text_checkpoint
+
+    model = save_text_checkpoint(tmp_path / "model")
+    generate = ["-m", "hae_fx", "generate", "--model", str(model), "--prompt", "the cat sat on a mat " * 2,
+                "--max-new-tokens", "16", "--policy", "hae", "--budget", "0.5", "--compiler", "eager", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, *launcher, *generate], env=env, capture_output=True, text=True,
+                           timeout=300)
+            for launcher in ([], ["-m", "torch.distributed.run", f"--nproc-per-node={RANKS}",
+                                  "--master-addr=127.0.0.1", f"--master-port={free_port()}"])]
+    (single_tokens, single_summary), (tp_tokens, tp_summary) = [run.stdout.strip().splitlines()[-2:] for run in runs]
+    assert all(run.returncode == 0 for run in runs), [run.stderr[-3000:] for run in runs]
+    assert tp_tokens == single_tokens and len(single_tokens.split()) > 8
+    assert runs[1].stdout.count(" tokens in ") == 1  # one rank prints
+    assert "hae KV 7.0 KiB vs full 13.5 KiB" in single_summary
+    assert "hae KV 3.5 KiB vs full 6.8 KiB per rank of 2" in tp_summary
