@@ -132,11 +132,13 @@ def _prompt(batch: int, device: str, image: list[int], extra: dict, vocab: int =
 
 
 def model_and_inputs(name: str, tiny: bool, text_layers: int | None, batch: int, device: str,
-                     dtype: torch.dtype) -> tuple[object, dict]:
-    """`name`'s config (its first `text_layers` decoder layers, all when None) and a prompt of `batch` rows on
-    `device`, floating-point inputs in `dtype`."""
+                     dtype: torch.dtype, initializer_range: float | None = None) -> tuple[object, dict]:
+    """`name`'s config (its first `text_layers` decoder layers, all when None; its text weights drawn with std
+    `initializer_range` when given) and a prompt of `batch` rows on `device`, floating-point inputs in `dtype`."""
     make_config, make_inputs = MODELS[name]
     config = make_config(tiny)
+    if initializer_range is not None:
+        config.get_text_config().initializer_range = initializer_range
     if text_layers is not None:
         config.get_text_config().num_hidden_layers = text_layers
         if getattr(config.get_text_config(), "layer_types", None):
@@ -220,10 +222,11 @@ CONFIGS: dict[str, tuple[str, float, dict]] = {
 
 def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
             dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
-            mode: str | None, hae_compiler: str = "inductor") -> dict:
-    config, inputs = model_and_inputs(name, tiny, text_layers, batch, device, dtype)
+            mode: str | None, hae_compiler: str = "inductor", initializer_range: float | None = None) -> dict:
+    config, inputs = model_and_inputs(name, tiny, text_layers, batch, device, dtype, initializer_range)
     prompt_len = inputs["input_ids"].shape[1]
     result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
+                    "initializer_range": config.get_text_config().initializer_range,
                     "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
@@ -286,6 +289,9 @@ def main() -> None:
                         help="eager: hae's rewritten graphs run eagerly, without Inductor or CUDA graphs (on CUDA "
                              "the ops' implementation still calls the fused attention kernel)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a functional check on any machine")
+    parser.add_argument("--initializer-range", type=float, default=None,
+                        help="std of the random text weights (default: the config's): a wider one spreads the "
+                             "next-token logits, so that bf16 rounding rarely flips a greedy token")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +300,7 @@ def main() -> None:
         print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype,
                                   args.configs, args.text_layers, args.hf_eager,
                                   args.mode or ("reduce-overhead" if args.device == "cuda" else None),
-                                  args.hae_compiler)),
+                                  args.hae_compiler, args.initializer_range)),
               flush=True)
 
 

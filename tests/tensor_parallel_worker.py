@@ -20,8 +20,11 @@ import torch
 
 import hae_fx
 from hae_fx.errors import HAEError
+from hae_fx.policies import sweep_config
 
 NEW_TOKENS = 10
+#: a follow-up turn's prompt, appended to the first turn's sequences
+FOLLOW_UP = [7, 8, 9, 10, 11]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Case:
     config_for: Callable[[int], hae_fx.PolicyConfig]
     inputs: Callable[[torch.nn.Module], dict[str, torch.Tensor]]
     compiler: str = "eager"
+    follow_up: bool = False  # then a second turn: FOLLOW_UP more tokens on the returned cache
 
 
 def text_inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -53,6 +57,11 @@ def hae(capacity: int) -> hae_fx.PolicyConfig:
     return hae_fx.HAEConfig(policy="hae", capacity=capacity, bin_size=capacity // 4, sinks=2, window=4)
 
 
+def policy(name: str, capacity: int, **fields: object) -> Callable[[int], hae_fx.PolicyConfig]:
+    """Policy `name` at `capacity` with 2 sinks and a window of 4, the same on every rank."""
+    return same(sweep_config(name, capacity=capacity, sinks=2, window=4, bin_size=capacity // 4, **fields))
+
+
 CASES: dict[str, Case] = {
     "llama-full": Case("llama", same(hae_fx.HAEConfig(policy="full", capacity=32)), text_inputs),
     "llama-hae": Case("llama", same(hae(12)), text_inputs),
@@ -65,6 +74,15 @@ CASES: dict[str, Case] = {
     "llava-lookm": Case("llava", same(hae_fx.HAEConfig(policy="lookm", capacity=16, sinks=2, window=4)), llava_inputs),
     "llama-pyramidkv": Case("llama", same(hae_fx.HAEConfig(policy="pyramidkv", capacity=12, sinks=2, window=4)),
                             text_inputs),
+    # the other policies, 8-bit slots, and a follow-up turn on the returned cache
+    "llama-streaming": Case("llama", policy("streaming", 12), text_inputs),
+    "llama-h2o": Case("llama", policy("h2o", 12), text_inputs),
+    "llama-tova": Case("llama", policy("tova", 12), text_inputs),
+    "llama-random": Case("llama", policy("random", 12, seed=3), text_inputs),
+    "llama-composed": Case("llama", policy("composed", 12), text_inputs),
+    "llava-fastv": Case("llava", policy("fastv", 16, layer=1), llava_inputs),  # layer 1 computes on kept tokens
+    "llama-hae-int8": Case("llama", policy("hae", 12, kv_dtype="int8"), text_inputs),
+    "llama-hae-follow-up": Case("llama", same(hae(12)), text_inputs, follow_up=True),
     # refusals: one KV head for two ranks; ranks transformed with different configs
     "mqa-hae": Case("mqa", same(hae(12)), text_inputs),
     "llama-mixed": Case("llama", lambda rank: hae(12 + 4 * rank), text_inputs),
@@ -93,6 +111,10 @@ def run_case(models_root: Path, name: str, rank: int, tp: bool) -> dict[str, obj
     try:
         out = model.generate(**case.inputs(model), max_new_tokens=NEW_TOKENS, do_sample=False,
                              return_dict_in_generate=True)
+        if case.follow_up:
+            history = torch.cat([out.sequences, torch.tensor([FOLLOW_UP] * out.sequences.shape[0])], dim=1)
+            out = model.generate(input_ids=history, past_key_values=out.past_key_values, max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, return_dict_in_generate=True)
     except HAEError as error:
         return {"error": f"{type(error).__name__}: {error}"}
     cache = out.past_key_values

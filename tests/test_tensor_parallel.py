@@ -25,7 +25,9 @@ from tests.tensor_parallel_worker import CASES, run_case
 REPO = Path(__file__).resolve().parents[1]
 RANKS = 2
 #: policies with one index set for every head
-SHARED_SLOTS = ("llama-hae", "llama-snapkv", "llava-hae", "llava-lookm", "llama-pyramidkv")
+SHARED_SLOTS = ("llama-hae", "llama-snapkv", "llava-hae", "llava-lookm", "llama-pyramidkv", "llama-streaming",
+                "llama-h2o", "llama-tova", "llama-random", "llama-composed", "llava-fastv", "llama-hae-int8",
+                "llama-hae-follow-up")
 
 
 def save_models(root: Path) -> None:
