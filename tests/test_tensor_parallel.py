@@ -67,7 +67,7 @@ def ranks(models, tmp_path_factory) -> list[dict[str, dict]]:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={RANKS}", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", str(REPO / "tests" / "tensor_parallel_worker.py"), str(models), str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
 
