@@ -52,7 +52,6 @@ EXAMPLES = {
   hae-fx generate --model ./llava-1.5-7b-hf --image cat.png --prompt "What is in the picture?" --budget 0.5
   hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "The capital of France is" --policy streaming
   hae-fx generate --model ~/.cache/hae_fx/gemma3-270m --prompt "Once upon a time" --compiler eager  # no compile wait
-  torchrun --nproc-per-node 2 -m hae_fx generate --model ./Llama-3.1-8B --prompt "Hi" --device cuda  # 2 GPUs
 """,
     "bench": """examples:
   hae-fx bench accuracy --quick                       # 60 questions, 3 budgets, every policy
@@ -317,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the text prompt; with --image, the processor's image token is prepended if missing")
     generate.add_argument("--image", type=Path, help="an image file, for a vision-language model")
     generate.add_argument("--max-new-tokens", type=positive_int, default=64)
-    generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun, which shards the "
+                          "model by its tensor-parallel plan: cpu or cuda, each rank on its LOCAL_RANK's GPU)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                           help="weights dtype (default: the checkpoint's)")
     compiler_option(generate)
