@@ -177,8 +177,8 @@ def test_cli_generate_under_torchrun_streams_the_one_process_tokens(tmp_path):
                            timeout=300)
             for launcher in ([], ["-m", "torch.distributed.run", f"--nproc-per-node={RANKS}",
                                   "--master-addr=127.0.0.1", f"--master-port={free_port()}"])]
-    (single_tokens, single_summary), (tp_tokens, tp_summary) = [run.stdout.strip().splitlines()[-2:] for run in runs]
     assert all(run.returncode == 0 for run in runs), [run.stderr[-3000:] for run in runs]
+    (single_tokens, single_summary), (tp_tokens, tp_summary) = [run.stdout.strip().splitlines()[-2:] for run in runs]
     assert tp_tokens == single_tokens and len(single_tokens.split()) > 8
     assert runs[1].stdout.count(" tokens in ") == 1  # one rank prints
     assert "hae KV 7.0 KiB vs full 13.5 KiB" in single_summary
