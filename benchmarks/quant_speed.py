@@ -1,6 +1,6 @@
 """Eviction times quantization on the GPU: decode speed and memory of torchao weights with hae's quantized KV.
 
-On LLaVA-1.5-7B's shapes (random bf16 weights, `gpu_hae.llava7b_shaped`), batch 8, a 621-token prompt (576 visual
+On LLaVA-1.5-7B's shapes (random bf16 weights, `gpu_families.llava7b_config`), batch 8, a 621-token prompt (576 visual
 tokens) and 128 new tokens, in one process, each row on a freshly built copy of the same weights:
 
 - `hf_bf16`: HF `generate(cache_implementation="static")` (HF compiles its decode step), bf16 weights;
@@ -29,7 +29,6 @@ import json
 import time
 from pathlib import Path
 
-import gpu_hae
 import torch
 from gpu_families import build as build_model
 from gpu_families import llava7b_config
@@ -62,13 +61,12 @@ def decoder_weight_bytes(model: torch.nn.Module) -> int:
 
 def build(device: str, text_layers: int | None) -> torch.nn.Module:
     """The seeded model of every row (each build is the same weights); `text_layers`: its first decoder layers only."""
-    if device == "cuda" and text_layers is None:
-        return gpu_hae.llava7b_shaped()
-    if device == "cuda":
-        config = llava7b_config(tiny=False)
+    if device != "cuda":
+        return tiny_llava(seed=0, text_layers=text_layers or 4, initializer_range=0.2)
+    config = llava7b_config(tiny=False)
+    if text_layers is not None:
         config.text_config.num_hidden_layers = text_layers
-        return build_model(config, device, torch.bfloat16)
-    return tiny_llava(seed=0, text_layers=text_layers or 4, initializer_range=0.2)
+    return build_model(config, device, torch.bfloat16)
 
 
 def quantize_weights(model: torch.nn.Module, device: str) -> str:

@@ -75,8 +75,9 @@ def convert(cache_dir: str | Path | None = None) -> Path:
 
     The GGUF itself (253 MB) is assembled next to the folder and deleted once the folder is complete.
     """
-    with _conversion_lock(_model_dir(cache_dir)):
-        return _convert(_model_dir(cache_dir))
+    target = _model_dir(cache_dir)
+    with _conversion_lock(target):
+        return _convert(target)
 
 
 def _convert(target: Path) -> Path:

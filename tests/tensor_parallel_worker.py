@@ -53,27 +53,31 @@ def same(config: hae_fx.PolicyConfig) -> Callable[[int], hae_fx.PolicyConfig]:
     return lambda rank: config
 
 
+def config(name: str, capacity: int, **fields: object) -> hae_fx.PolicyConfig:
+    """Policy `name` at `capacity` with 2 sinks, a window of 4 and (where it has one) a recycle bin of capacity / 4."""
+    return sweep_config(name, capacity=capacity, sinks=2, window=4, bin_size=capacity // 4, **fields)
+
+
 def hae(capacity: int) -> hae_fx.PolicyConfig:
-    return hae_fx.HAEConfig(policy="hae", capacity=capacity, bin_size=capacity // 4, sinks=2, window=4)
+    return config("hae", capacity)
 
 
 def policy(name: str, capacity: int, **fields: object) -> Callable[[int], hae_fx.PolicyConfig]:
-    """Policy `name` at `capacity` with 2 sinks and a window of 4, the same on every rank."""
-    return same(sweep_config(name, capacity=capacity, sinks=2, window=4, bin_size=capacity // 4, **fields))
+    """`config(name, capacity, **fields)` on every rank."""
+    return same(config(name, capacity, **fields))
 
 
 CASES: dict[str, Case] = {
     "llama-full": Case("llama", same(hae_fx.HAEConfig(policy="full", capacity=32)), text_inputs),
     "llama-hae": Case("llama", same(hae(12)), text_inputs),
     "llama-hae-inductor": Case("llama", same(hae(12)), text_inputs, compiler="inductor"),
-    "llama-snapkv": Case("llama", same(hae_fx.HAEConfig(policy="snapkv", capacity=12, sinks=2, window=4)), text_inputs),
-    "llama-madakv": Case("llama", same(hae_fx.HAEConfig(policy="madakv", capacity=12, sinks=2, window=4)), text_inputs),
+    "llama-snapkv": Case("llama", policy("snapkv", 12), text_inputs),
+    "llama-madakv": Case("llama", policy("madakv", 12), text_inputs),
     "llava-full": Case("llava", same(hae_fx.HAEConfig(policy="full", capacity=64)), llava_inputs),
     "llava-hae": Case("llava", same(hae(16)), llava_inputs),
     # the core's other paths: prompt merging, a slot group (and prefill plan) per layer
-    "llava-lookm": Case("llava", same(hae_fx.HAEConfig(policy="lookm", capacity=16, sinks=2, window=4)), llava_inputs),
-    "llama-pyramidkv": Case("llama", same(hae_fx.HAEConfig(policy="pyramidkv", capacity=12, sinks=2, window=4)),
-                            text_inputs),
+    "llava-lookm": Case("llava", policy("lookm", 16), llava_inputs),
+    "llama-pyramidkv": Case("llama", policy("pyramidkv", 12), text_inputs),
     # the other policies, 8-bit slots, and a follow-up turn on the returned cache
     "llama-streaming": Case("llama", policy("streaming", 12), text_inputs),
     "llama-h2o": Case("llama", policy("h2o", 12), text_inputs),
