@@ -10,7 +10,8 @@ tokens) and 128 new tokens, in one process, each row on a freshly built copy of 
 - `hae_int4` (with `--all`): the same at bf16 KV, which separates the KV quantization's share.
 
 Each row records decode ms/token (CUDA events around a long and a 2-token generate: prefill and first token
-cancel), peak allocated memory, weight and KV bytes (quantized weights counted through their inner tensors), the
+cancel), peak allocated memory while generating (`build_peak_gib` apart: each row builds bf16 weights before it
+quantizes them), weight and KV bytes (quantized weights counted through their inner tensors), the
 floor `(weight bytes + KV bytes read per step) / bandwidth` and the ratio to it, greedy-token agreement with
 `hf_int4`, CUDA-graph skips and graph counts. HF's static cache reads every slot of its `prompt + new` buffer each
 step; hae reads its capacity.
@@ -130,6 +131,13 @@ def measure(label: str, device: str, batch: int, text_layers: int | None,
     weights = quantize_weights(model, device) if "int4" in label else str(model.dtype)
     inputs = prompt_inputs(model, device, batch)
     prompt_len = inputs["input_ids"].shape[1]
+    # Every row builds bf16 weights before quantizing them: the build's peak is not what serving it costs.
+    build_peak_gib = None
+    if device == "cuda":
+        build_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     row: dict = {"label": label, "weights": weights, "batch": batch, "prompt_len": prompt_len,
                  "text_layers": model.config.text_config.num_hidden_layers,
                  "new_tokens": NEW_TOKENS, "weight_bytes": decoder_weight_bytes(model),
@@ -151,7 +159,8 @@ def measure(label: str, device: str, batch: int, text_layers: int | None,
     counters = torch._dynamo.utils.counters
     row.update(cudagraph_skips=counters["inductor"]["cudagraph_skips"],
                graph_breaks=sum(counters["graph_break"].values()),
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+               build_peak_gib=build_peak_gib)
     row["floor_ms"] = (row["weight_bytes"] + row["kv_bytes"]) / H200_BANDWIDTH * 1e3
     row["floor_ratio"] = row["ms_per_token"] / row["floor_ms"]
     if reference is not None:
