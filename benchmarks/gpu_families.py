@@ -13,6 +13,14 @@ apart), CUDA-graph skips, decode ms/token, peak memory and KV bytes, and writes 
     (`--hae-compiler eager` in place of `--mode default`: hae's rewritten graphs run eagerly, no Inductor, no CUDA
     graphs; on CUDA the slot attention is still the fused kernel, which the ops' implementation calls)
     python benchmarks/gpu_families.py --model qwen2_5_vl_7b --tiny --device cpu --out DIR   # a functional check
+    python benchmarks/gpu_families.py --model qwen2_5_vl_7b --fp32-reference --out DIR   # bf16 error, hae vs HF
+
+`--fp32-reference` asks what greedy tokens cannot answer in bf16: random weights give next-token logits that are
+either nearly flat (the default init: rounding flips the argmax) or, with a wide `--initializer-range` over many
+layers, chaotic (two correct attention kernels already give uncorrelated logits). So every model is built in fp32
+and cast to `--dtype`; HF's fp32 eager static cache gives the reference tokens and logits; HF in bf16 and each hae
+configuration then decode that same token path (forced), and each step's logits are compared with the fp32 ones.
+hae is as exact as HF's own bf16 path when its error is no larger than HF's.
 
 `--model llava7b` runs LLaVA-1.5-7B's shapes (benchmarks/speed.py's model) the same way.
 """
@@ -133,16 +141,18 @@ def _prompt(batch: int, device: str, image: list[int], extra: dict, vocab: int =
 
 def model_and_inputs(name: str, tiny: bool, text_layers: int | None, batch: int, device: str,
                      dtype: torch.dtype, initializer_range: float | None = None) -> tuple[object, dict]:
-    """`name`'s config (its first `text_layers` decoder layers, all when None; its text weights drawn with std
-    `initializer_range` when given) and a prompt of `batch` rows on `device`, floating-point inputs in `dtype`."""
+    """`name`'s config (its first `text_layers` decoder layers, all when None, or more for a tiny config; its text
+    weights drawn with std `initializer_range` when given) and a prompt of `batch` rows on `device`, floating-point
+    inputs in `dtype`."""
     make_config, make_inputs = MODELS[name]
     config = make_config(tiny)
     if initializer_range is not None:
         config.get_text_config().initializer_range = initializer_range
     if text_layers is not None:
         config.get_text_config().num_hidden_layers = text_layers
-        if getattr(config.get_text_config(), "layer_types", None):
-            config.get_text_config().layer_types = config.get_text_config().layer_types[:text_layers]
+        types = getattr(config.get_text_config(), "layer_types", None)
+        if types:  # cut, or repeat the pattern when a tiny config is made deeper than it was built
+            config.get_text_config().layer_types = [types[i % len(types)] for i in range(text_layers)]
     inputs = make_inputs(config, batch, device, tiny).items()
     return config, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs}
 
@@ -212,6 +222,29 @@ def logit_agreement(steps: list[torch.Tensor], reference: list[torch.Tensor]) ->
             "first_disagreeing_step": same if same < len(steps) else None}
 
 
+class ForcedPath(StepLogits):
+    """Records each step's logits, then forces the reference token: every run decodes the same path, so each step's
+    logits compare like for like."""
+
+    def __init__(self, targets: torch.Tensor, prompt_length: int) -> None:
+        super().__init__()
+        self.targets = targets  # [B, new tokens]
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        super().__call__(input_ids, scores)
+        step = input_ids.shape[1] - self.prompt_length
+        target = self.targets[:, step : step + 1].to(scores.device)
+        return torch.full_like(scores, -torch.inf).scatter_(1, target, 0.0)
+
+
+def errors_against(steps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    """Largest and mean absolute logit error against the reference, at the first step and over every step."""
+    diffs = [(step - ref).abs() for step, ref in zip(steps, reference, strict=True)]
+    return {"first_step_max_abs": diffs[0].max().item(), "max_abs": max(d.max().item() for d in diffs),
+            "mean_abs": torch.stack([d.mean() for d in diffs]).mean().item()}
+
+
 #: hae configurations: (policy, share of prompt + new tokens as capacity, transform keyword arguments)
 CONFIGS: dict[str, tuple[str, float, dict]] = {
     "full": ("full", 1.0, {}),
@@ -267,6 +300,56 @@ def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out
     return result
 
 
+def measure_against_fp32(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
+                         dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
+                         mode: str | None, hae_compiler: str = "inductor",
+                         initializer_range: float | None = None) -> dict:
+    """`--fp32-reference` (the module docstring): every model's per-step logit error against HF's fp32 path."""
+    config, reference_inputs = model_and_inputs(name, tiny, text_layers, batch, device, torch.float32,
+                                                initializer_range)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in reference_inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
+                    "initializer_range": config.get_text_config().initializer_range, "prompt": prompt_len,
+                    "new_tokens": new_tokens, "dtype": str(dtype), "reference": "HF static cache, eager, float32",
+                    "hf": "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled",
+                    "hae_mode": mode, "hae_compiler": hae_compiler,
+                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+
+    def forced_logits(model, **kwargs) -> list[torch.Tensor]:
+        path = ForcedPath(targets[:, prompt_len:], prompt_len)
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([path]), **kwargs)
+        return path.steps
+
+    model = build(config, device, torch.float32)
+    reference_logits = StepLogits()
+    targets = model.generate(**reference_inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, logits_processor=LogitsProcessorList([reference_logits]),
+                             cache_implementation="static", disable_compile=True)
+    model = model.to(dtype)
+    forced_logits(model, cache_implementation="static", disable_compile=hf_eager)  # compile and warm up
+    result["hf_error"] = errors_against(forced_logits(model, cache_implementation="static",
+                                                      disable_compile=hf_eager), reference_logits.steps)
+    del model
+    for label in configs:
+        policy, share, transform_options = CONFIGS[label]
+        hae_config = hae_fx.HAEConfig(policy=policy, capacity=int((prompt_len + new_tokens) * share))
+        gc.collect()
+        torch._dynamo.utils.counters.clear()
+        model = hae_fx.transform(build(config, device, torch.float32).to(dtype), hae_config, mode=mode,
+                                 options={"hae.compiler": hae_compiler}, **transform_options)
+        forced_logits(model)  # compile and warm up
+        error = errors_against(forced_logits(model), reference_logits.steps)
+        result[label] = {"error": error, "max_abs_vs_hf": error["max_abs"] / result["hf_error"]["max_abs"],
+                         "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]}
+        del model
+        print(json.dumps({label: result[label]}), flush=True)
+    path = out / f"gpu_families_{name}_{str(dtype).removeprefix('torch.')}_{result['text_layers']}l_vs_fp32.json"
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["gemma3_4b", "qwen2_5_vl_7b"])
@@ -292,15 +375,19 @@ def main() -> None:
     parser.add_argument("--initializer-range", type=float, default=None,
                         help="std of the random text weights (default: the config's): a wider one spreads the "
                              "next-token logits, so that bf16 rounding rarely flips a greedy token")
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="per-step logit error of HF and hae in --dtype against HF's fp32 path, on its tokens "
+                             "(see above); no timing")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    run = measure_against_fp32 if args.fp32_reference else measure
     for name in args.model:
-        print(json.dumps(measure(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype,
-                                  args.configs, args.text_layers, args.hf_eager,
-                                  args.mode or ("reduce-overhead" if args.device == "cuda" else None),
-                                  args.hae_compiler, args.initializer_range)),
+        print(json.dumps(run(name, args.batch, args.new_tokens, args.device, args.tiny, args.out, dtype,
+                             args.configs, args.text_layers, args.hf_eager,
+                             args.mode or ("reduce-overhead" if args.device == "cuda" else None),
+                             args.hae_compiler, args.initializer_range)),
               flush=True)
 
 
