@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval.py            # passkey, multi-key, follow-ups at 1k and 2k tokens; perplexity over 256
     python benchmarks/retrieval.py --quick    # CI-sized: one 256-token passkey prompt, evicting policies at 50%
+    python benchmarks/retrieval.py --tasks passkey --lengths 1024 --policies hae --tune   # and `hae_tuned`
 
 RULER-style tasks, each sample generated deterministically from `--seed` over the King James Bible
 (`hae_fx.models.corpus`):
@@ -22,6 +23,11 @@ window and bin as `benchmarks/accuracy.py`. On 2 CPU cores each policy and budge
 of every sample, and the default sweep takes hours (one task at 1k tokens, 8 samples: 22 minutes). Writes
 `retrieval.csv`, `retrieval.md` and `retrieval.png` (score against
 budget, one line per policy, one panel per task) under `--out`.
+
+`--tune` chooses `hae`'s text-prompt fields (`TEXT_GRID`: the observation window, the pooling width, the layer
+DAP reads, the decode score) on a tuning split, the same tasks drawn from `--seed + 1` (other keys, other verses,
+the same depths), by the mean score over `TUNE_BUDGETS`; then it runs the chosen setting as `hae_tuned` on the test
+split next to `hae`'s defaults, and `retrieval.md` lists every setting's tuning score.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +62,19 @@ KEEP_THRESHOLD = 0.9  # a retrieval task counts only where HF's full cache score
 RESULTS = Path(__file__).parent / "results"
 RETRIEVAL_TASKS = ("passkey", "multikey", "followup")
 FOLLOWUP_TURNS = 3  # questions per follow-up sample, each about a different one of its facts
+#: `hae` settings `--tune` tries: its text-prompt fields, one changed from the defaults at a time
+TEXT_GRID: tuple[dict[str, object], ...] = (
+    {},
+    {"observation_window": 8},
+    {"observation_window": 16},
+    {"observation_window": 64},
+    {"pool_kernel": 3},
+    {"pool_kernel": 11},
+    {"pool_kernel": 15},
+    {"dap_layer": 11},
+    {"score_source": "dap_layer"},
+)
+TUNE_BUDGETS = (0.2, 0.1)  # where eviction bites: at 35% and above `hae`'s defaults already keep every key
 ANSWER_TOKENS = 7  # " " and five digits (Gemma writes digits one token each), and one spare
 
 PASSKEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -301,19 +320,56 @@ def first_number(text: str) -> str:
     return match.group() if match else ""
 
 
-def config_for(policy: str, capacity: int, kv_dtype: str | None = None) -> PolicyConfig:
+def config_for(policy: str, capacity: int, kv_dtype: str | None = None,
+               overrides: dict[str, object] | None = None) -> PolicyConfig:
     """`benchmarks/accuracy.py`'s rule: 4 sinks, a window of a quarter of the capacity (at most 16), a bin of an
-    eighth (policies without a bin leave it out); `kv_dtype` stores the K/V slots in that 8-bit form."""
-    return sweep_config(policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
-                        bin_size=max(1, capacity // 8), kv_dtype=kv_dtype)
+    eighth (policies without a bin leave it out); `kv_dtype` stores the K/V slots in that 8-bit form; `overrides`
+    replace fields after that (a tuned setting)."""
+    config = sweep_config(policy, capacity=capacity, sinks=SINKS, window=max(1, min(16, capacity // 4)),
+                          bin_size=max(1, capacity // 8), kv_dtype=kv_dtype)
+    return replace(config, **overrides) if overrides else config
 
 
-def build_tasks(tokenizer, args: argparse.Namespace) -> list[TaskSet]:
+@dataclass(frozen=True)
+class Run:
+    """One policy setting at one budget: `label` names its rows."""
+
+    label: str
+    policy: str
+    budget: float
+    kv_dtype: str | None = None
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def transformed(self, base: torch.nn.Module, taskset: TaskSet, options: dict) -> torch.nn.Module:
+        config = config_for(self.policy, taskset.capacity(self.budget), self.kv_dtype, dict(self.overrides))
+        return hae_fx.transform(copy.deepcopy(base), config, options=options)
+
+
+def tune(base: torch.nn.Module, tokenizer, tasks: Sequence[TaskSet], *, batch_size: int,
+         options: dict) -> tuple[dict[str, object], list[tuple[dict[str, object], float]]]:
+    """The `TEXT_GRID` setting of `hae` with the best mean score over `tasks` (the tuning split) and `TUNE_BUDGETS`;
+    returns it and every setting's score. The first of equals wins, so the defaults win ties."""
+    results = []
+    for overrides in tqdm(TEXT_GRID, desc="tune hae", unit="setting", leave=False):
+        scores = [run_taskset(Run("hae", "hae", budget, overrides=tuple(overrides.items())).transformed(
+                      base, taskset, options), tokenizer, taskset, batch_size)[0]
+                  for taskset in tasks for budget in TUNE_BUDGETS]
+        results.append((overrides, sum(scores) / len(scores)))
+    return max(results, key=lambda item: item[1])[0], results
+
+
+def _setting(overrides: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the defaults"
+
+
+def build_tasks(tokenizer, args: argparse.Namespace, seed: int | None = None) -> list[TaskSet]:
+    """The tasks `args` asks for, drawn from `seed` (default `args.seed`)."""
+    seed = args.seed if seed is None else seed
     makers = {"passkey": passkey, "multikey": multikey, "followup": followup}
-    tasks = [makers[t](tokenizer, length, args.samples, args.seed) for t in args.tasks if t in makers
+    tasks = [makers[t](tokenizer, length, args.samples, seed) for t in args.tasks if t in makers
              for length in args.lengths]
     if "perplexity" in args.tasks:
-        tasks.append(perplexity(tokenizer, args.ppl_length, args.ppl_samples, args.seed))
+        tasks.append(perplexity(tokenizer, args.ppl_length, args.ppl_samples, seed))
     return tasks
 
 
@@ -394,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run every policy with its K/V slots in this 8-bit form (rows `policy+int8`)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune", action="store_true",
+                        help="tune hae's text-prompt fields on the --seed + 1 split, add the chosen setting as "
+                             "hae_tuned (retrieval tasks only)")
     parser.add_argument("--compiler", choices=("eager", "inductor"), default="eager",
                         help="what runs the rewritten graphs: the ops' reference implementations, or Inductor")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/retrieval[_quick]")
@@ -408,6 +467,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.tasks) - {*RETRIEVAL_TASKS, "perplexity"}
     if unknown:
         parser.error(f"unknown tasks {sorted(unknown)}")
+    if args.tune and not set(args.tasks) & set(RETRIEVAL_TASKS):
+        parser.error("--tune scores retrieval tasks: add one of " + ",".join(RETRIEVAL_TASKS) + " to --tasks")
     return args
 
 
@@ -419,11 +480,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
     base, tokenizer = load()
     tasks = build_tasks(tokenizer, args)
     options = {"hae.compiler": args.compiler}
-    runs = [(p, b, kv) for p in args.policies for kv in (None, *args.kv_dtype)
+    runs = [Run(f"{p}+{kv}" if kv else p, p, b, kv) for p in args.policies for kv in (None, *args.kv_dtype)
             for b in (args.budgets if get_policy(p).evicts else (1.0,))]
+    start = time.perf_counter()
+    tuning = ""
+    if args.tune:
+        tune_tasks = [t for t in build_tasks(tokenizer, args, args.seed + 1) if t.task in RETRIEVAL_TASKS]
+        best, results = tune(base, tokenizer, tune_tasks, batch_size=args.batch_size, options=options)
+        runs += [Run("hae_tuned", "hae", b, overrides=tuple(best.items())) for b in args.budgets]
+        tuning = (f"Tuning split (seed {args.seed + 1}: {', '.join(t.name for t in tune_tasks)}), mean % correct at "
+                  f"budgets {', '.join(f'{b:.0%}' for b in TUNE_BUDGETS)}; `hae_tuned` is "
+                  f"{_setting(best)}:\n\n| setting | score |\n|---|---|\n"
+                  + "".join(f"| {_setting(o)} | {100 * score:.1f} |\n" for o, score in results) + "\n")
+        print(tuning)
     rows: list[Row] = []
     dropped: list[str] = []
-    start = time.perf_counter()
     progress = tqdm(total=len(tasks) * (1 + len(runs)), desc="retrieval", unit="run")
     for taskset in tasks:
         progress.set_postfix_str(f"{taskset.name} hf")
@@ -437,15 +508,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
             progress.write(f"dropped {dropped[-1]}")
             progress.update(len(runs))
             continue
-        for policy, budget, kv_dtype in runs:
-            label = f"{policy}+{kv_dtype}" if kv_dtype else policy
-            progress.set_postfix_str(f"{taskset.name} {label} {budget:.0%}")
-            capacity = taskset.capacity(budget)
+        for run in runs:
+            progress.set_postfix_str(f"{taskset.name} {run.label} {run.budget:.0%}")
             began = time.perf_counter()
-            model = hae_fx.transform(copy.deepcopy(base), config_for(policy, capacity, kv_dtype), options=options)
+            model = run.transformed(base, taskset, options)
             score, kv_bytes, turns = run_taskset(model, tokenizer, taskset, args.batch_size)
-            rows.append(Row(label, taskset.name, budget, capacity, score, kv_bytes, time.perf_counter() - began,
-                            turns))
+            rows.append(Row(run.label, taskset.name, run.budget, taskset.capacity(run.budget), score, kv_bytes,
+                            time.perf_counter() - began, turns))
             del model
             progress.update()
     progress.close()
@@ -456,7 +525,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"`{command}` (tasks {', '.join(t.name for t in tasks)}, seed {args.seed}, compiler {args.compiler}, "
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
         f"{time.perf_counter() - start:.0f} s)\n\nRetrieval: % correct (follow-ups: mean over turns, then each "
-        f"turn); perplexity: exp(mean NLL).\n\n{table}\n")
+        f"turn); perplexity: exp(mean NLL).\n\n{tuning}{table}\n")
     with (args.out / "retrieval.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].as_dict()))
         writer.writeheader()

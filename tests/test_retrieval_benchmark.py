@@ -95,6 +95,32 @@ def test_quick_run_writes_its_table_and_full_cache_matches_hf(retrieval, tmp_pat
     assert (tmp_path / "retrieval.png").stat().st_size > 10_000
 
 
+def test_tune_chooses_on_its_own_split_and_runs_the_choice(retrieval, tokenizer, tmp_path, monkeypatch) -> None:
+    """`--tune` on the CI-sized task: the tuning split's prompts are not the test split's, the chosen setting is the
+    best-scoring one (the first of equals), and it runs as `hae_tuned` at every budget beside `hae`."""
+    monkeypatch.setattr(retrieval, "TEXT_GRID", ({}, {"pool_kernel": 3}))
+    args = retrieval.parse_args(["--quick"])
+    test_split, tune_split = retrieval.build_tasks(tokenizer, args), retrieval.build_tasks(tokenizer, args, 1)
+    assert test_split[0].samples[0].prompt != tune_split[0].samples[0].prompt
+    calls = []
+    tune = retrieval.tune
+    monkeypatch.setattr(retrieval, "tune", lambda *a, **k: calls.append(tune(*a, **k)) or calls[-1])
+
+    rows = retrieval.main(["--quick", "--policies", "hae", "--tune", "--budgets", "0.3", "--out", str(tmp_path)])
+
+    (best, results), = calls
+    assert [overrides for overrides, _ in results] == [{}, {"pool_kernel": 3}]
+    assert best == next(o for o, score in results if score == max(s for _, s in results))
+    assert {(r.policy, r.budget) for r in rows} == {("hf", 1.0), ("hae", 0.3), ("hae_tuned", 0.3)}
+    report = (tmp_path / "retrieval.md").read_text()
+    assert f"`hae_tuned` is {retrieval._setting(best)}" in report and "| pool_kernel=3 |" in report
+
+
+def test_tune_needs_a_retrieval_task(retrieval) -> None:
+    with pytest.raises(SystemExit):
+        retrieval.parse_args(["--tasks", "perplexity", "--tune"])
+
+
 def test_followup_samples_ask_different_facts_in_turn(retrieval, tokenizer) -> None:
     taskset = retrieval.followup(tokenizer, 300, 3, seed=0)
     for sample in taskset.samples:
