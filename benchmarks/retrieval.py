@@ -71,7 +71,7 @@ TEXT_GRID: tuple[dict[str, object], ...] = (
     {"pool_kernel": 3},
     {"pool_kernel": 11},
     {"pool_kernel": 15},
-    {"dap_layer": 11},
+    {"dap_layer": 11},  # Gemma 3 270M's second full-attention layer (`dap_global` turns the default 1 into 5)
     {"score_source": "dap_layer"},
 )
 TUNE_BUDGETS = (0.2, 0.1)  # where eviction bites: at 35% and above `hae`'s defaults already keep every key
