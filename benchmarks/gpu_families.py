@@ -253,36 +253,50 @@ CONFIGS: dict[str, tuple[str, float, dict]] = {
 }
 
 
+def run_header(name: str, config, batch: int, prompt_len: int, new_tokens: int, dtype: torch.dtype, device: str,
+               mode: str | None, hae_compiler: str) -> dict:
+    """What every result file records about its run."""
+    return {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
+            "initializer_range": config.get_text_config().initializer_range, "prompt": prompt_len,
+            "new_tokens": new_tokens, "dtype": str(dtype),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "hae_mode": mode, "hae_compiler": hae_compiler}
+
+
+def hae_model(config, label: str, sequence_len: int, device: str, dtype: torch.dtype, mode: str | None,
+              hae_compiler: str, built_in: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """A fresh build (in `built_in`, cast to `dtype`; default built in `dtype`) transformed with the `CONFIGS` entry
+    `label` at its share of `sequence_len` tokens, after releasing the last model's memory and resetting the peak and
+    the Dynamo counters; returns the model and its hae config."""
+    policy, share, transform_options = CONFIGS[label]
+    hae_config = hae_fx.HAEConfig(policy=policy, capacity=int(sequence_len * share))
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.utils.counters.clear()
+    model = build(config, device, built_in or dtype).to(dtype)
+    return hae_fx.transform(model, hae_config, mode=mode, options={"hae.compiler": hae_compiler},
+                            **transform_options), hae_config
+
+
 def measure(name: str, batch: int, new_tokens: int, device: str, tiny: bool, out: Path,
             dtype: torch.dtype, configs: list[str], text_layers: int | None, hf_eager: bool,
             mode: str | None, hae_compiler: str = "inductor", initializer_range: float | None = None) -> dict:
     config, inputs = model_and_inputs(name, tiny, text_layers, batch, device, dtype, initializer_range)
     prompt_len = inputs["input_ids"].shape[1]
-    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
-                    "initializer_range": config.get_text_config().initializer_range,
-                    "prompt": prompt_len, "new_tokens": new_tokens, "dtype": str(dtype),
-                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    result = run_header(name, config, batch, prompt_len, new_tokens, dtype, device, mode, hae_compiler)
+    result["hf_reference"] = "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled"
 
     started = time.perf_counter()
     model = build(config, device, dtype)
-    result["hf_reference"] = "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled"
-    result["hae_mode"] = mode
-    result["hae_compiler"] = hae_compiler
     reference, reference_logits, result["hf_static_ms_per_token"] = timed_generate(
         model, inputs, new_tokens, cache_implementation="static", disable_compile=hf_eager)
     print(f"{name}: HF static {result['hf_static_ms_per_token']:.2f} ms/token, "
           f"{time.perf_counter() - started:.0f} s with its compile", flush=True)
     del model
     for label in configs:
-        policy, share, transform_options = CONFIGS[label]
-        hae_config = hae_fx.HAEConfig(policy=policy, capacity=int((prompt_len + new_tokens) * share))
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        torch._dynamo.utils.counters.clear()
-        model = hae_fx.transform(build(config, device, dtype), hae_config, mode=mode,
-                                 options={"hae.compiler": hae_compiler}, **transform_options)
+        model, hae_config = hae_model(config, label, prompt_len + new_tokens, device, dtype, mode, hae_compiler)
         tokens, logits, ms = timed_generate(model, inputs, new_tokens)
         new = slice(prompt_len, None)
         agreement = (tokens[:, new] == reference[:, new]).float().mean().item()
@@ -309,12 +323,9 @@ def measure_against_fp32(name: str, batch: int, new_tokens: int, device: str, ti
                                                 initializer_range)
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in reference_inputs.items()}
     prompt_len = inputs["input_ids"].shape[1]
-    result: dict = {"model": name, "text_layers": config.get_text_config().num_hidden_layers, "batch": batch,
-                    "initializer_range": config.get_text_config().initializer_range, "prompt": prompt_len,
-                    "new_tokens": new_tokens, "dtype": str(dtype), "reference": "HF static cache, eager, float32",
-                    "hf": "static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled",
-                    "hae_mode": mode, "hae_compiler": hae_compiler,
-                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    result = run_header(name, config, batch, prompt_len, new_tokens, dtype, device, mode, hae_compiler)
+    result.update(reference="HF static cache, eager, float32",
+                  hf="static cache, eager" if hf_eager or device != "cuda" else "static cache, compiled")
 
     def forced_logits(model, **kwargs) -> list[torch.Tensor]:
         path = ForcedPath(targets[:, prompt_len:], prompt_len)
@@ -332,16 +343,12 @@ def measure_against_fp32(name: str, batch: int, new_tokens: int, device: str, ti
     result["hf_error"] = errors_against(forced_logits(model, cache_implementation="static",
                                                       disable_compile=hf_eager), reference_logits.steps)
     del model
+    hf_max = result["hf_error"]["max_abs"]  # 0 where HF's path is the reference's own (fp32, eager)
     for label in configs:
-        policy, share, transform_options = CONFIGS[label]
-        hae_config = hae_fx.HAEConfig(policy=policy, capacity=int((prompt_len + new_tokens) * share))
-        gc.collect()
-        torch._dynamo.utils.counters.clear()
-        model = hae_fx.transform(build(config, device, torch.float32).to(dtype), hae_config, mode=mode,
-                                 options={"hae.compiler": hae_compiler}, **transform_options)
+        model, _ = hae_model(config, label, prompt_len + new_tokens, device, dtype, mode, hae_compiler,
+                             built_in=torch.float32)
         forced_logits(model)  # compile and warm up
         error = errors_against(forced_logits(model), reference_logits.steps)
-        hf_max = result["hf_error"]["max_abs"]  # 0 where HF's path is the reference's own (fp32, eager)
         result[label] = {"error": error, "max_abs_vs_hf": error["max_abs"] / hf_max if hf_max else None,
                          "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]}
         del model

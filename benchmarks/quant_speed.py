@@ -119,12 +119,17 @@ def hf_static_kv_bytes(model: torch.nn.Module, batch: int, length: int) -> int:
     return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * head_dim * model.dtype.itemsize
 
 
-def measure(label: str, device: str, batch: int, text_layers: int | None,
-            reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+def release_memory(device: str) -> None:
+    """Frees what the last model left behind and starts the allocator's peak afresh."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def measure(label: str, device: str, batch: int, text_layers: int | None,
+            reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    release_memory(device)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = build(device, text_layers)
@@ -132,12 +137,8 @@ def measure(label: str, device: str, batch: int, text_layers: int | None,
     inputs = prompt_inputs(model, device, batch)
     prompt_len = inputs["input_ids"].shape[1]
     # Every row builds bf16 weights before quantizing them: the build's peak is not what serving it costs.
-    build_peak_gib = None
-    if device == "cuda":
-        build_peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    build_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    release_memory(device)
     row: dict = {"label": label, "weights": weights, "batch": batch, "prompt_len": prompt_len,
                  "text_layers": model.config.text_config.num_hidden_layers,
                  "new_tokens": NEW_TOKENS, "weight_bytes": decoder_weight_bytes(model),
