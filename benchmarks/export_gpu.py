@@ -16,11 +16,17 @@ LLaVA of the tests), then:
 Decode ms/token is the wall time of a generate call minus a one-token call (the prefill), per decode step, after
 a warm-up call (which compiles whatever the path compiles).
 
+`--image-features` keeps the vision tower out of the package: the package's prefill takes LLaVA's projected image
+features (`hae_fx.models.llava.image_features`, computed here once from the same pixels), and the compiled path
+still runs on the pixels, so equal tokens also check that the two image routes agree. It is the route for a torch
+whose `torch.export` does not take the vision tower (docs/deploy.md).
+
 `--device cpu` (with `--quick` only) is a functional check on a machine without a GPU: the `transform()` path then
 runs its rewritten graphs without Inductor (the eager-reference compiler), so its times are not a speed
 measurement.
 
     python benchmarks/export_gpu.py --out benchmarks/results/export_gpu.json [--quick] [--batch 8] [--new-tokens 128]
+    python benchmarks/export_gpu.py --image-features --out benchmarks/results/export_gpu_features.json
     python benchmarks/export_gpu.py --quick --device cpu --out /tmp/export_cpu.json
 """
 
@@ -37,6 +43,7 @@ import torch
 from speed import llava_shaped, prompt_inputs, synchronize
 
 import hae_fx
+from hae_fx.models.llava import image_features
 
 #: the sampling settings of step 4 (each filter drops tokens of the tiny and the 7B-shaped vocabulary)
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
@@ -73,6 +80,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="the seed of the sampled comparison")
+    parser.add_argument("--image-features", action="store_true",
+                        help="the package takes projected image features; the vision tower stays outside it")
     parser.add_argument("--package", type=Path, default=Path("/tmp/hae_export_gpu/model.pt2"))
     args = parser.parse_args()
     device = args.device
@@ -85,14 +94,19 @@ def main() -> None:
     budget = full // 2
     config = hae_fx.HAEConfig(capacity=budget + max(1, budget // 8), bin_size=max(1, budget // 8), sinks=4,
                               window=min(16, budget // 4))
+    package_inputs = inputs
+    if args.image_features:
+        package_inputs = {"input_ids": inputs["input_ids"],
+                          "image_features": image_features(model, inputs["pixel_values"])}
     results: dict[str, Any] = {
+        "image_input": "image_features" if args.image_features else "pixel_values",
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         "model": "tiny-llava" if args.quick else "llava-1.5-7b-shaped", "batch": args.batch, "prompt_len": prompt_len,
         "new_tokens": args.new_tokens, "config": config.key(), "sampling": {**SAMPLING, "seed": args.seed}}
 
     start = time.perf_counter()
     with torch.no_grad():
-        hae_fx.export(model, inputs, args.package, config, max_prompt_len=prompt_len + 64)
+        hae_fx.export(model, package_inputs, args.package, config, max_prompt_len=prompt_len + 64)
     results["export_s"] = time.perf_counter() - start
     results["package_bytes"] = args.package.stat().st_size
     start = time.perf_counter()
@@ -100,9 +114,9 @@ def main() -> None:
     synchronize(device)
     results["load_s"] = time.perf_counter() - start
     package_ms, package_tokens = decode_ms_per_token(
-        lambda new: runner.generate(**inputs, max_new_tokens=new), args.new_tokens, device)
-    package_sampled = runner.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=True, seed=args.seed,
-                                      **SAMPLING)
+        lambda new: runner.generate(**package_inputs, max_new_tokens=new), args.new_tokens, device)
+    package_sampled = runner.generate(**package_inputs, max_new_tokens=args.new_tokens, do_sample=True,
+                                      seed=args.seed, **SAMPLING)
     runner = None  # the package's cache and programs go before the compiled path allocates its own
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -7,7 +7,12 @@ visual tokens of a prompt are exactly `input_ids == image_token_id`. hae_fx comp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+if TYPE_CHECKING:
+    import torch
 
 
 def tiny_llava_config(*, text_layers: int = 2, image_size: int = 32, patch_size: int = 8, vocab_size: int = 256,
@@ -48,6 +53,20 @@ def visual_token_count(config: LlavaConfig) -> int:
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What LLaVA's vision tower and projector give the decoder, `[N, hidden]`: one row per image placeholder token
+    of the batch, in order. An exported package whose tower stays outside it takes these
+    (`hae_fx.export(..., {"image_features": ...})`, docs/deploy.md)."""
+    import torch
+
+    config = model.config
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=pixel_values,
+                                             vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return torch.cat(list(out.pooler_output)).reshape(-1, config.text_config.hidden_size)
 
 
 def llava_prompt(config: LlavaConfig, *, prefix: list[int], suffix: list[int]) -> list[int]:

@@ -30,7 +30,7 @@ import hae_fx
 from hae_fx import deploy_runner
 from hae_fx.cli import policy_config
 from hae_fx.export import cache_tensors
-from hae_fx.models.llava import llava_prompt, tiny_llava
+from hae_fx.models.llava import image_features, llava_prompt, tiny_llava
 from hae_fx.policies import sweep_config
 from tests.conftest import llava_inputs
 from tests.families import BY_NAME, FAMILIES
@@ -155,22 +155,12 @@ def test_fresh_process_without_hae_fx(llava_package, llava_prompts, tmp_path):
     assert torch.equal(result["tokens"], expected[1])
 
 
-def _image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """What LLaVA's tower and projector give the decoder: one row per image placeholder token of the batch."""
-    config = model.config
-    with torch.no_grad():
-        out = model.model.get_image_features(pixel_values=pixel_values,
-                                             vision_feature_layer=config.vision_feature_layer,
-                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
-    return torch.cat(list(out.pooler_output)).reshape(-1, config.text_config.hidden_size)
-
-
 def test_package_taking_image_features(llava_package, llava_prompts, tmp_path):
     """For a tower that stays outside the package: the prefill takes the projected features in place of pixels,
     and the tokens are those of the pixel path."""
     _, expected = llava_package("hae")
     model = tiny_llava(seed=0)
-    features = [_image_features(model, inputs["pixel_values"]) for inputs in llava_prompts]
+    features = [image_features(model, inputs["pixel_values"]) for inputs in llava_prompts]
     text = [{name: inputs[name] for name in ("input_ids", "attention_mask")} for inputs in llava_prompts]
     path = hae_fx.export(model, {**text[0], "image_features": features[0]}, tmp_path / "features.pt2",
                          CONFIGS["hae"], max_prompt_len=MAX_PROMPT)
