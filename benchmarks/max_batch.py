@@ -13,11 +13,14 @@ up to `--context`), every run:
 
 Peak memory is linear in the batch (weights, plus per row the cache and the prompt's activations), so two points
 (`--batches`, measured in parallel processes) give `peak = a + b * batch`, and the largest batch is the one whose
-predicted peak stays under the device's total memory less `--margin-gib`. That batch is then run (alone); if it
-runs out of memory the next one down by `--step` is tried, at most `--tries` times. The reported batch is the
-largest that ran.
+predicted peak stays under the device's total memory less `--margin-gib`. The line is only a first guess (on the
+H200, `hae` at -50% KV ran out of memory at 105 rows, where it predicted 7 GiB to spare), so the batch it gives
+is then run (alone) and the search brackets the answer (`next_batch`): after a run that fits, the next batch is
+`--step` of it larger; after one that runs out of memory, `--step` less, or halfway between the largest that ran
+and the smallest that did not once that is closer; at most `--tries` runs per configuration. The reported batch
+is the largest that ran, with the smallest that ran out of memory and whether the two are adjacent (`settled`).
 
-    python benchmarks/max_batch.py --context 4096 --out DIR          # on the GPU (about 6 minutes on an H200)
+    python benchmarks/max_batch.py --context 4096 --out DIR          # on the GPU (6-10 minutes on an H200)
     python benchmarks/max_batch.py --device cpu --quick --out DIR    # a functional check (no memory figures)
 """
 
@@ -90,6 +93,18 @@ def largest_batch(points: list[dict[str, Any]], limit_gib: float) -> int:
     return math.floor(b0 + (limit_gib - p0) / per_row)
 
 
+def next_batch(ran: int, failed: int | None, step: float) -> int | None:
+    """The next batch of the search, given the largest batch that ran and the smallest that ran out of memory (None
+    before any did); None once they are adjacent, when the largest batch is known. Below a failure it tries
+    `step` less first, not the midpoint: the largest batch that ran may be one of the small measured points."""
+    if failed is None:
+        return ran + max(1, round(ran * step))
+    if failed - ran <= 1:
+        return None
+    below = math.floor(failed * (1 - step))
+    return below if ran < below < failed else (ran + failed) // 2
+
+
 def _run(item: tuple[str, int, int, str, bool], turn) -> dict[str, Any]:
     """One process: `peak_at` (module level, for `run_in_waves`)."""
     name, batch, context, device, quick = item
@@ -116,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=4096, help="prompt + new tokens each row is sized for")
     parser.add_argument("--batches", nargs=2, type=int, default=[4, 8], help="the two measured points")
     parser.add_argument("--margin-gib", type=float, default=1.0, help="device memory kept free of the prediction")
-    parser.add_argument("--step", type=float, default=0.05, help="share of the batch dropped after a failed run")
-    parser.add_argument("--tries", type=int, default=3)
+    parser.add_argument("--step", type=float, default=0.05, help="share of the batch added after a run that fits")
+    parser.add_argument("--tries", type=int, default=5, help="runs of the search, per configuration")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="the tiny fp32 LLaVA at a 128-token context")
     parser.add_argument("--out", type=Path, required=True)
@@ -135,16 +150,21 @@ def main(argv: list[str] | None = None) -> None:
             mine = [p for p in points if p["config"] == name and p.get("peak_gib") is not None]
             if len(mine) < 2:
                 continue
-            batch = largest_batch(mine, total_gib - args.margin_gib)
+            predicted = largest_batch(mine, total_gib - args.margin_gib)
+            ran, failed = max(p["batch"] for p in mine), None
+            batch: int | None = predicted
             tried = []
             for _ in range(args.tries):  # alone on the device: one process at a time
+                if batch is None:
+                    break
                 tried += measure([(name, batch, context, args.device, args.quick)], jobs=1)
                 if tried[-1].get("peak_gib") is not None:
-                    break
-                batch = math.floor(batch * (1 - args.step))
-            ran = [t for t in tried if t.get("peak_gib") is not None]
-            summary["largest"][name] = {"predicted": largest_batch(mine, total_gib - args.margin_gib),
-                                        "batch": ran[-1]["batch"] if ran else None, "runs": tried}
+                    ran = max(ran, batch)
+                else:
+                    failed = batch if failed is None else min(failed, batch)
+                batch = next_batch(ran, failed, args.step)
+            summary["largest"][name] = {"predicted": predicted, "batch": ran, "out_of_memory_at": failed,
+                                        "settled": failed is not None and failed - ran == 1, "runs": tried}
         if "hf_static" in summary["largest"]:
             base = summary["largest"]["hf_static"]["batch"]
             for entry in summary["largest"].values():

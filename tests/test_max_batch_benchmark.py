@@ -32,3 +32,13 @@ def test_quick_run_stops_early_with_caches_sized_for_the_context(tmp_path):
     assert sorted(points) == [("hae50", 3), ("hae50", 5), ("hf_static", 3), ("hf_static", 5)]
     assert all(p["steps"] == max_batch.STEPS for p in points.values())
     assert points["hae50", 3]["capacity"] == 64 and points["hf_static", 3]["capacity"] == 128
+
+
+def test_search_brackets_the_largest_batch():
+    """From the H200's case (105 ran out of memory, the measured points were 4 and 8): 99, then halving the gap;
+    a run that fits steps up; adjacent bounds end the search."""
+    assert max_batch.next_batch(8, 105, 0.05) == 99
+    assert max_batch.next_batch(99, 105, 0.05) == 102
+    assert max_batch.next_batch(102, 105, 0.05) == 103
+    assert max_batch.next_batch(100, None, 0.05) == 105
+    assert max_batch.next_batch(104, 105, 0.05) is None
