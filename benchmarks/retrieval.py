@@ -1,6 +1,6 @@
 """Long-context retrieval and streaming perplexity on real text, with the real Gemma 3 270M, for every policy.
 
-    python benchmarks/retrieval.py            # passkey, multi-key, follow-ups at 1k and 2k tokens; perplexity over 256
+    python benchmarks/retrieval.py            # every retrieval task at 1k and 2k tokens; perplexity over 256
     python benchmarks/retrieval.py --quick    # CI-sized: one 256-token passkey prompt, evicting policies at 50%
     python benchmarks/retrieval.py --tasks passkey --lengths 1024 --policies hae --tune   # and `hae_tuned`
 
@@ -9,6 +9,9 @@ RULER-style tasks, each sample generated deterministically from `--seed` over th
 
 - `passkey`: a five-digit pass key hidden at evenly spaced depths in the text; asked for after it.
 - `multikey`: four "special magic number for <word>" facts at seeded depths; asked for one of them.
+- `vartrack`: RULER's variable tracking, asked for a value: `VAR A = 12345.` then `VAR B = VAR A.` and two more
+  links, in order at seeded depths, beside a second chain with another number; asked for the value of the last
+  variable of the first chain, which only following every link gives.
 - `followup`: the same four facts; three of them asked one after another, each question appended to the history
   (everything generated so far) and answered on the cache the previous turn returned, as a chat UI asks follow-ups
   (`generate(input_ids=history + question, past_key_values=returned_cache)`); scored per turn.
@@ -39,6 +42,7 @@ import math
 import platform
 import random
 import re
+import string
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +64,7 @@ BUDGETS = (0.75, 0.5, 0.35, 0.2, 0.1)  # evicting policies; `full` runs at 100%
 SINKS = 4
 KEEP_THRESHOLD = 0.9  # a retrieval task counts only where HF's full cache scores at least this
 RESULTS = Path(__file__).parent / "results"
-RETRIEVAL_TASKS = ("passkey", "multikey", "followup")
+RETRIEVAL_TASKS = ("passkey", "multikey", "vartrack", "followup")
 FOLLOWUP_TURNS = 3  # questions per follow-up sample, each about a different one of its facts
 #: `hae` settings `--tune` tries: its text-prompt fields, one changed from the defaults at a time
 TEXT_GRID: tuple[dict[str, object], ...] = (
@@ -89,6 +93,13 @@ MULTIKEY_QUESTION = ("\n\nQuestion: What is the special magic number for {word} 
 MULTIKEY_WORDS = ("apple", "river", "candle", "garden", "violin", "harbor", "lantern", "marble", "falcon", "meadow",
                   "copper", "island", "thunder", "pepper", "saddle", "window", "orchard", "compass", "velvet", "tiger")
 MULTIKEY_NEEDLES = 4
+VARTRACK_INTRO = "Memorize and track the chain of variable assignments hidden in the following text. "
+VARTRACK_VALUE = " VAR {name} = {key}."
+VARTRACK_LINK = " VAR {name} = VAR {source}."
+VARTRACK_QUESTION = ("\n\nQuestion: What is the value of VAR {name} in the text above?\n"
+                     "Answer: The value of VAR {name} is")
+VARTRACK_HOPS = 3  # links after the value's own assignment
+VARTRACK_CHAINS = 2  # the asked chain and one distractor
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,38 @@ def multikey(tokenizer, length: int, n: int, seed: int) -> TaskSet:
                            MULTIKEY_QUESTION.format(word=words[asked]), rng.randrange(2**31))
         samples.append(Sample(prompt, answer=keys[asked]))
     return TaskSet("multikey", length, tuple(samples))
+
+
+def _variable_names(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct five-letter upper-case names (RULER's variables)."""
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def vartrack(tokenizer, length: int, n: int, seed: int) -> TaskSet:
+    """`VARTRACK_CHAINS` chains, each a distinct five-digit number assigned to a variable and copied along
+    `VARTRACK_HOPS` links, every assignment after the one it copies (sorted seeded depths); the question asks for
+    the first chain's last variable."""
+    samples = []
+    for i in range(n):
+        rng = _rng(seed, "vartrack", length, i)
+        names = _variable_names(rng, VARTRACK_CHAINS * (VARTRACK_HOPS + 1))
+        keys = [str(k) for k in rng.sample(range(10_000, 100_000), VARTRACK_CHAINS)]
+        needles = []
+        for chain, key in enumerate(keys):
+            chain_names = names[chain * (VARTRACK_HOPS + 1):(chain + 1) * (VARTRACK_HOPS + 1)]
+            depths = sorted(rng.random() for _ in chain_names)
+            needles.append((depths[0], VARTRACK_VALUE.format(name=chain_names[0], key=key)))
+            needles += [(depth, VARTRACK_LINK.format(name=name, source=source))
+                        for depth, source, name in zip(depths[1:], chain_names[:-1], chain_names[1:], strict=True)]
+        prompt = _haystack(tokenizer, length, VARTRACK_INTRO, needles,
+                           VARTRACK_QUESTION.format(name=names[VARTRACK_HOPS]), rng.randrange(2**31))
+        samples.append(Sample(prompt, answer=keys[0]))
+    return TaskSet("vartrack", length, tuple(samples))
 
 
 def followup(tokenizer, length: int, n: int, seed: int) -> TaskSet:
@@ -365,7 +408,7 @@ def _setting(overrides: dict[str, object]) -> str:
 def build_tasks(tokenizer, args: argparse.Namespace, seed: int | None = None) -> list[TaskSet]:
     """The tasks `args` asks for, drawn from `seed` (default `args.seed`)."""
     seed = args.seed if seed is None else seed
-    makers = {"passkey": passkey, "multikey": multikey, "followup": followup}
+    makers = {"passkey": passkey, "multikey": multikey, "vartrack": vartrack, "followup": followup}
     tasks = [makers[t](tokenizer, length, args.samples, seed) for t in args.tasks if t in makers
              for length in args.lengths]
     if "perplexity" in args.tasks:
@@ -438,7 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized: one 256-token passkey prompt, evicting policies at 50%%")
     parser.add_argument("--tasks", type=lambda s: s.split(","), default=None,
-                        help="comma-separated from passkey,multikey,followup,perplexity (default: all; quick: passkey)")
+                        help="comma-separated from passkey,multikey,vartrack,followup,perplexity (default: all; "
+                             "quick: passkey)")
     parser.add_argument("--lengths", type=_ints, default=None, help="retrieval prompt tokens (default 1024,2048)")
     parser.add_argument("--samples", type=int, default=None, help="samples per retrieval task and length (8)")
     parser.add_argument("--ppl-length", type=int, default=256, help="perplexity text tokens, prefix included")
@@ -458,7 +502,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/retrieval[_quick]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
-    args.tasks = args.tasks or (["passkey"] if args.quick else ["passkey", "multikey", "followup", "perplexity"])
+    args.tasks = args.tasks or (["passkey"] if args.quick else [*RETRIEVAL_TASKS, "perplexity"])
     args.lengths = args.lengths or ((256,) if args.quick else (1024, 2048))
     args.samples = args.samples or (1 if args.quick else 8)
     args.budgets = args.budgets or ((0.5,) if args.quick else BUDGETS)

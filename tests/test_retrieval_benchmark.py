@@ -62,6 +62,24 @@ def test_multikey_asks_for_one_of_its_facts(retrieval, tokenizer) -> None:
         assert f"for {word} is: {sample.answer}." in text
 
 
+def test_vartrack_links_every_assignment_after_the_one_it_copies(retrieval, tokenizer) -> None:
+    taskset = retrieval.vartrack(tokenizer, 400, 3, seed=0)
+    for sample in taskset.samples:
+        text = tokenizer.decode(sample.prompt)
+        assert len(sample.prompt) == 400
+        asked = text.rsplit("value of VAR ", 1)[1].split()[0]
+        name, hops = asked, 0
+        while f"VAR {name} = VAR " in text:  # walk the chain back from the asked variable to its value
+            link = f"VAR {name} = VAR "
+            source = text.split(link, 1)[1].split(".")[0]
+            assert text.index(f"VAR {source} = ") < text.index(link)
+            name, hops = source, hops + 1
+        assert hops == retrieval.VARTRACK_HOPS
+        assert f"VAR {name} = {sample.answer}." in text
+        assert text.count(" = ") == retrieval.VARTRACK_CHAINS * (retrieval.VARTRACK_HOPS + 1)
+    assert retrieval.vartrack(tokenizer, 400, 3, seed=0) == taskset
+
+
 def test_perplexity_samples_split_one_text(retrieval, tokenizer) -> None:
     taskset = retrieval.perplexity(tokenizer, 100, 2, seed=0, prefix=16)
     assert taskset.max_new_tokens == 84 and taskset.sequence == 100
