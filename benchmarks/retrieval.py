@@ -28,9 +28,9 @@ of every sample, and the default sweep takes hours (one task at 1k tokens, 8 sam
 budget, one line per policy, one panel per task) under `--out`.
 
 `--tune` chooses `hae`'s text-prompt fields (`TEXT_GRID`: the observation window, the pooling width, the layer
-DAP reads, the decode score) on a tuning split, the same tasks drawn from `--seed + 1` (other keys, other verses,
-the same depths), by the mean score over `TUNE_BUDGETS`; then it runs the chosen setting as `hae_tuned` on the test
-split next to `hae`'s defaults, and `retrieval.md` lists every setting's tuning score.
+DAP reads, the decode score, the recycle bin's size) on a tuning split, the same tasks drawn from `--seed + 1`
+(other keys, other verses, the same depths), by the mean score over `TUNE_BUDGETS`; then it runs the chosen setting
+as `hae_tuned` on the test split next to `hae`'s defaults, and `retrieval.md` lists every setting's tuning score.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ TEXT_GRID: tuple[dict[str, object], ...] = (
     {"pool_kernel": 15},
     {"dap_layer": 11},  # Gemma 3 270M's second full-attention layer (`dap_global` turns the default 1 into 5)
     {"score_source": "dap_layer"},
+    {"bin_size": 1},  # greedy: every slot holds an active token once decode frees the prefill's bin
+    {"bin_size": 16},  # a fixed bin where the sweep's rule gives an eighth of the capacity
 )
 TUNE_BUDGETS = (0.2, 0.1)  # where eviction bites: at 35% and above `hae`'s defaults already keep every key
 ANSWER_TOKENS = 7  # " " and five digits (Gemma writes digits one token each), and one spare
