@@ -263,6 +263,14 @@ def run_header(name: str, config, batch: int, prompt_len: int, new_tokens: int, 
             "hae_mode": mode, "hae_compiler": hae_compiler}
 
 
+def release_memory(device: str) -> None:
+    """Frees what the last model left behind and starts the allocator's peak afresh."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def hae_model(config, label: str, sequence_len: int, device: str, dtype: torch.dtype, mode: str | None,
               hae_compiler: str, built_in: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
     """A fresh build (in `built_in`, cast to `dtype`; default built in `dtype`) transformed with the `CONFIGS` entry
@@ -270,10 +278,7 @@ def hae_model(config, label: str, sequence_len: int, device: str, dtype: torch.d
     the Dynamo counters; returns the model and its hae config."""
     policy, share, transform_options = CONFIGS[label]
     hae_config = hae_fx.HAEConfig(policy=policy, capacity=int(sequence_len * share))
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    release_memory(device)
     torch._dynamo.utils.counters.clear()
     model = build(config, device, built_in or dtype).to(dtype)
     return hae_fx.transform(model, hae_config, mode=mode, options={"hae.compiler": hae_compiler},

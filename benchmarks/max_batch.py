@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speed import hae_config, llava_shaped, prompt_inputs, release
+from speed import hae_config, llava_shaped, prompt_inputs
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from waves import run_in_waves
 
@@ -57,7 +57,8 @@ class StopAfter(StoppingCriteria):
 
 
 def peak_at(name: str, batch: int, context: int, device: str, quick: bool) -> dict[str, Any]:
-    """Compile and run configuration `name` at `batch` rows for a `context`-token sequence; its peak GiB."""
+    """Compile and run configuration `name` at `batch` rows for a `context`-token sequence; its peak GiB. Each call
+    runs in a process of its own (`measure`), so nothing of one run is left for the next to free."""
     model = llava_shaped(device, quick)
     inputs = prompt_inputs(model, images=1, batch=batch, device=device)
     prompt_len = inputs["input_ids"].shape[1]
@@ -80,8 +81,6 @@ def peak_at(name: str, batch: int, context: int, device: str, quick: bool) -> di
               "capacity": config.capacity if config is not None else context, "steps": out.shape[1] - prompt_len,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
               "seconds": seconds}
-    del model, out
-    release(device)
     return result
 
 

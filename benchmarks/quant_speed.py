@@ -25,14 +25,13 @@ step; hae reads its capacity.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
 
 import torch
 from gpu_families import build as build_model
-from gpu_families import llava7b_config
+from gpu_families import llava7b_config, release_memory
 from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
 import hae_fx
@@ -117,14 +116,6 @@ def hf_static_kv_bytes(model: torch.nn.Module, batch: int, length: int) -> int:
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * length * head_dim * model.dtype.itemsize
-
-
-def release_memory(device: str) -> None:
-    """Frees what the last model left behind and starts the allocator's peak afresh."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def measure(label: str, device: str, batch: int, text_layers: int | None,

@@ -240,16 +240,16 @@ def vartrack(tokenizer, length: int, n: int, seed: int) -> TaskSet:
     for i in range(n):
         rng = _rng(seed, "vartrack", length, i)
         names = _variable_names(rng, VARTRACK_CHAINS * (VARTRACK_HOPS + 1))
+        chains = [names[start:start + VARTRACK_HOPS + 1] for start in range(0, len(names), VARTRACK_HOPS + 1)]
         keys = [str(k) for k in rng.sample(range(10_000, 100_000), VARTRACK_CHAINS)]
         needles = []
-        for chain, key in enumerate(keys):
-            chain_names = names[chain * (VARTRACK_HOPS + 1):(chain + 1) * (VARTRACK_HOPS + 1)]
+        for chain_names, key in zip(chains, keys, strict=True):
             depths = sorted(rng.random() for _ in chain_names)
             needles.append((depths[0], VARTRACK_VALUE.format(name=chain_names[0], key=key)))
             needles += [(depth, VARTRACK_LINK.format(name=name, source=source))
                         for depth, source, name in zip(depths[1:], chain_names[:-1], chain_names[1:], strict=True)]
         prompt = _haystack(tokenizer, length, VARTRACK_INTRO, needles,
-                           VARTRACK_QUESTION.format(name=names[VARTRACK_HOPS]), rng.randrange(2**31))
+                           VARTRACK_QUESTION.format(name=chains[0][-1]), rng.randrange(2**31))
         samples.append(Sample(prompt, answer=keys[0]))
     return TaskSet("vartrack", length, tuple(samples))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import gc
 import json
 import statistics
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_families import build, llava7b_config
+from gpu_families import build, llava7b_config, release_memory
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LogitsProcessor
 from waves import run_in_waves
@@ -293,10 +292,8 @@ def _timed_part(generate: Callable[..., Any], new_tokens: int, device: str, want
 
 def release(device: str) -> None:
     """Free the last configuration's model, cache and compiled graphs before the next one is built."""
-    gc.collect()
     torch._dynamo.reset()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
 
 
 def peak_allocations(snapshot: dict, top: int = 40) -> dict[str, Any]:

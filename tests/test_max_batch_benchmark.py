@@ -3,6 +3,7 @@ the whole context but stops after a few steps, with hae's cache at the exact bat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,18 +12,27 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
 
-import max_batch  # noqa: E402
+
+@pytest.fixture(scope="module")
+def max_batch():
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings speed and waves by file name
+    spec = importlib.util.spec_from_file_location("max_batch", BENCHMARKS / "max_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(100.0, 43), (29.0, 8), (28.9, 7)])
-def test_largest_batch_on_the_line_through_two_points(limit, expected):
+def test_largest_batch_on_the_line_through_two_points(max_batch, limit, expected):
     points = [{"batch": 8, "peak_gib": 29.0}, {"batch": 4, "peak_gib": 21.0}]  # 13 GiB + 2 GiB per row
     assert max_batch.largest_batch(points, limit) == expected
 
 
-def test_quick_run_stops_early_with_caches_sized_for_the_context(tmp_path):
+def test_quick_run_stops_early_with_caches_sized_for_the_context(max_batch, tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "max_batch.py"), "--device", "cpu", "--quick",
                           "--batches", "3", "5", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, check=False)
@@ -34,7 +44,7 @@ def test_quick_run_stops_early_with_caches_sized_for_the_context(tmp_path):
     assert points["hae50", 3]["capacity"] == 64 and points["hf_static", 3]["capacity"] == 128
 
 
-def test_search_brackets_the_largest_batch():
+def test_search_brackets_the_largest_batch(max_batch):
     """From the H200's case (105 ran out of memory, the measured points were 4 and 8): 99, then halving the gap;
     a run that fits steps up; adjacent bounds end the search."""
     assert max_batch.next_batch(8, 105, 0.05) == 99
