@@ -1,11 +1,34 @@
-"""Shared fixtures: tiny LLaVA models and prompts built in code (no downloads)."""
+"""Shared fixtures: tiny LLaVA models and prompts built in code (no downloads), and benchmark scripts as modules."""
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from hae_fx.models.llava import llava_prompt, tiny_llava
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """`benchmarks/<name>.py` loaded as a module, with `benchmarks/` on `sys.path` while it is in use (the scripts
+    import their siblings, e.g. gpu_families, by file name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def llava_inputs(model, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -3,27 +3,18 @@ Inductor path is exact) it runs end to end and finds the Inductor path's logits 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def exactness():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling gpu_families by file name
-    spec = importlib.util.spec_from_file_location("cuda_exactness", BENCHMARKS / "cuda_exactness.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("cuda_exactness") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def _state(positions: list[list[list[int]]], seed: int = 0) -> dict:

@@ -3,27 +3,19 @@ the whole context but stops after a few steps, with hae's cache at the exact bat
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import BENCHMARKS, benchmark_script
 
 
 @pytest.fixture(scope="module")
 def max_batch():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings speed and waves by file name
-    spec = importlib.util.spec_from_file_location("max_batch", BENCHMARKS / "max_batch.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("max_batch") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.mark.parametrize(("limit", "expected"), [(100.0, 43), (29.0, 8), (28.9, 7)])
