@@ -21,6 +21,7 @@ and the smallest that did not once that is closer; at most `--tries` runs per co
 is the largest that ran, with the smallest that ran out of memory and whether the two are adjacent (`settled`).
 
     python benchmarks/max_batch.py --context 4096 --out DIR          # on the GPU (6-10 minutes on an H200)
+    python benchmarks/max_batch.py --configs hae50 --bracket 100 105 --out DIR   # continue a search cut short
     python benchmarks/max_batch.py --device cpu --quick --out DIR    # a functional check (no memory figures)
 """
 
@@ -132,14 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--margin-gib", type=float, default=1.0, help="device memory kept free of the prediction")
     parser.add_argument("--step", type=float, default=0.05, help="share of the batch added after a run that fits")
     parser.add_argument("--tries", type=int, default=5, help="runs of the search, per configuration")
+    parser.add_argument("--bracket", nargs=2, type=int, metavar=("RAN", "FAILED"),
+                        help="continue an earlier search of one configuration from the largest batch that ran and "
+                             "the smallest that ran out of memory (the two-point line is then not measured)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="the tiny fp32 LLaVA at a 128-token context")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.bracket and (len(args.configs) != 1 or not 0 < args.bracket[0] < args.bracket[1]):
+        parser.error("--bracket RAN FAILED continues the search of one configuration (--configs NAME), RAN < FAILED")
     context = 128 if args.quick else args.context
     args.out.mkdir(parents=True, exist_ok=True)
-    points = measure([(name, batch, context, args.device, args.quick) for name in args.configs
-                      for batch in args.batches], jobs=len(args.configs) * 2)
+    points = [] if args.bracket else measure([(name, batch, context, args.device, args.quick)
+                                              for name in args.configs for batch in args.batches],
+                                             jobs=len(args.configs) * 2)
     total_gib = torch.cuda.mem_get_info()[1] / 2**30 if args.device == "cuda" else None
     summary: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                                "torch": torch.__version__, "context": context, "total_gib": total_gib,
@@ -147,11 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     if total_gib is not None:
         for name in args.configs:
             mine = [p for p in points if p["config"] == name and p.get("peak_gib") is not None]
-            if len(mine) < 2:
+            if args.bracket:
+                predicted = None
+                ran, failed = args.bracket
+                batch: int | None = next_batch(ran, failed, args.step)
+            elif len(mine) < 2:
                 continue
-            predicted = largest_batch(mine, total_gib - args.margin_gib)
-            ran, failed = max(p["batch"] for p in mine), None
-            batch: int | None = predicted
+            else:
+                predicted = largest_batch(mine, total_gib - args.margin_gib)
+                ran, failed = max(p["batch"] for p in mine), None
+                batch = predicted
             tried = []
             for _ in range(args.tries):  # alone on the device: one process at a time
                 if batch is None:
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     failed = batch if failed is None else min(failed, batch)
                 batch = next_batch(ran, failed, args.step)
-            summary["largest"][name] = {"predicted": predicted, "batch": ran, "out_of_memory_at": failed,
+            summary["largest"][name] = {"predicted": predicted, "bracket_from": args.bracket, "batch": ran,
+                                        "out_of_memory_at": failed,
                                         "settled": failed is not None and failed - ran == 1, "runs": tried}
         if "hf_static" in summary["largest"]:
             base = summary["largest"]["hf_static"]["batch"]

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch._dynamo.exc import UserError, UserErrorType
 
-from hae_fx import deploy_runner
+from hae_fx import deploy_runner, export_guards
 from hae_fx.backend import rewrite_graph
 from hae_fx.cache import HAECache
 from hae_fx.config import PolicyConfig
@@ -202,29 +202,34 @@ def _role_inputs(program: torch.export.ExportedProgram, flat_inputs: list[Any]) 
     return [next(user) if kind == torch.export.graph_signature.InputKind.USER_INPUT else None for kind in kinds]
 
 
-def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, name: str
-                    ) -> torch.export.ExportedProgram:
+def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, name: str,
+                    admissible: Sequence[Mapping[str, int]] = ()) -> torch.export.ExportedProgram:
     """`torch.export` one wrapper, then the hae passes on its graph (the cache tensors are recognised by the
-    roles their example values carry).
+    roles their example values carry). `admissible`: every assignment of the named dynamic dims the runner can
+    pass; the guards torch.export defers to runtime must hold at each (`hae_fx.export_guards`).
 
     Raises:
-        HAEUnsupportedModelError: the model's forward does not trace with a dynamic prompt length (torch.export
-            found a shape guard on it that it cannot prove for every length, e.g. in Llama 4's mixture-of-experts
-            layers), or torch.export itself failed on it (on torch 2.11, LLaVA's prefill fails in the tracer).
+        HAEUnsupportedModelError: the model's forward does not trace with a dynamic prompt length (a shape guard
+            on it fails at some prompt length the package would take, e.g. in Llama 4's mixture-of-experts layers),
+            or torch.export itself failed on it (on torch 2.11, LLaVA's prefill fails in the tracer).
         HAESiteError: the decode graph's attention over the cache slots was not rewritten (it would attend over
             every slot under the model's own mask).
     """
-    try:
-        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    except UserError as error:
-        if error.error_type != UserErrorType.CONSTRAINT_VIOLATION:
-            raise
-        guard = next((line.strip(" -.") for line in str(error).splitlines() if "guard" in line), str(error))
-        raise HAEUnsupportedModelError(
+    def unsupported(guard: str) -> HAEUnsupportedModelError:
+        return HAEUnsupportedModelError(
             f"{module.model.config.model_type}'s {name} program does not trace with a dynamic prompt length: "
             f"torch.export specializes it ({guard}); export supports models whose forward keeps the sequence "
             "length symbolic (TORCH_LOGS=+dynamic shows the model's line that adds the guard)"
-        ) from error
+        )
+
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+    except UserError as error:
+        if error.error_type != UserErrorType.CONSTRAINT_VIOLATION:
+            raise
+        raise unsupported(next((line.strip(" -.") for line in str(error).splitlines() if "guard" in line),
+                               str(error))) from error
     except HAEError:
         raise
     except Exception as error:  # torch.export's own failure, whose message names no model and no remedy
@@ -234,6 +239,12 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
             f"({type(error).__name__}: {first_line[:300]}); hae_fx's export is tested on torch 2.13, where "
             "docs/deploy.md lists the families that export (the traceback above this error is torch's)"
         ) from error
+    violation = export_guards.first_violation(export_guards.runtime_assertions(program),
+                                              export_guards.dim_symbols(program, args, dynamic_shapes), admissible)
+    if violation is not None:
+        assertion, values = violation
+        at = ", ".join(f"{dim}={value}" for dim, value in sorted(values.items()))
+        raise unsupported(f"the guard {assertion} fails at {at}")
     record = rewrite_graph(program.graph_module, _role_inputs(program, torch.utils._pytree.tree_leaves(args)))
     if name == "decode" and (record.report is None or not record.report.layers):
         raise HAESiteError("the exported decode graph has no attention over the HAECache slots to rewrite; "
@@ -318,7 +329,10 @@ def export(model: torch.nn.Module, example_inputs: dict[str, torch.Tensor], path
     prefill_shapes: tuple = ({1: prompt}, {1: prompt}, {1: kept_dim}, [None] * len(cache_values),
                              *([None] if image_input else []))
     with torch.no_grad():
-        prefill = _export_program(_Prefill(model, cache, image_input), prefill_args, prefill_shapes, "prefill")
+        lengths = [{"prompt_len": length, "kept_len": min(length, kept_max)}
+                   for length in range(MIN_PROMPT_LEN, max_prompt_len + 1)]
+        prefill = _export_program(_Prefill(model, cache, image_input), prefill_args, prefill_shapes, "prefill",
+                                  lengths)
         # contiguous examples: AOTInductor compiles for the example inputs' strides
         decode_args = (input_ids[:, -1:].contiguous(), attention_mask.sum(-1, keepdim=True), cache_values)
         decode = _export_program(_Decode(model, cache), decode_args, (None, None, [None] * len(cache_values)),

@@ -263,8 +263,10 @@ def test_vlm_family_package_generates_transform_tokens(name, tmp_path):
 #: gemma3-text: per-layer-type masks (sliding and full), six sliding layers keeping rings to one global, the
 #: embedding scale, q/k norms; gpt2: no rotary, learned positions read from `position_ids` (wrong positions of the
 #: left-padded row change its tokens), Conv1D and one fused qkv; gpt-neox: parallel attention and MLP, rotary on a
-#: quarter of each head (partial), fused qkv; falcon-multi-query: one KV head for every query head
-TEXT_FAMILIES = ["gemma3-text", "gpt2", "gpt-neox", "falcon-multi-query"]
+#: quarter of each head (partial), fused qkv; falcon-multi-query: one KV head for every query head; llama4-chunked:
+#: chunked attention and mixture-of-experts layers, whose routing adds a guard on the prompt length that torch.export
+#: defers and hae_fx.export proves at every length (`hae_fx.export_guards`)
+TEXT_FAMILIES = ["gemma3-text", "gpt2", "gpt-neox", "falcon-multi-query", "llama4-chunked"]
 
 
 @pytest.mark.parametrize("name", TEXT_FAMILIES)
@@ -290,13 +292,23 @@ def test_text_family_package_generates_transform_tokens(name, tmp_path):
     assert torch.equal(expected[:, : hf.shape[1]], hf)
 
 
-def test_export_refuses_a_model_without_a_dynamic_prompt_length(tmp_path):
-    """Llama 4's mixture-of-experts layers reshape the routed tokens in a way torch.export cannot keep symbolic in
-    the prompt length: refused by name before any compile."""
-    family = BY_NAME["llama4-chunked"]
+def test_export_refuses_a_model_that_specializes_the_prompt_length(tmp_path):
+    """A forward that branches on the prompt length traces one branch: the guard torch.export defers fails at a
+    length the package would take (3, with L % 8 == 3), so export refuses by name before any compile."""
+    family = BY_NAME["mistral-window"]
+    model = family.build()
+    forward = model.forward
+
+    def branching(*args, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[1] % 8 == 3:
+            input_ids = input_ids.flip(1)
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    model.forward = branching
     with pytest.raises(hae_fx.HAEUnsupportedModelError,
-                       match="llama4_text's prefill program does not trace with a dynamic prompt length"):
-        hae_fx.export(family.build(), family.inputs(batch=2), tmp_path / "llama4.pt2", CONFIGS["hae"],
+                       match=r"mistral's prefill program does not trace with a dynamic prompt length: torch.export "
+                             r"specializes it \(the guard Ne\(Mod\(s\d+, 8\), 3\) fails at prompt_len=3\)"):
+        hae_fx.export(model, family.inputs(batch=2), tmp_path / "branching.pt2", CONFIGS["hae"],
                       max_prompt_len=MAX_PROMPT)
 
 

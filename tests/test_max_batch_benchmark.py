@@ -44,3 +44,10 @@ def test_search_brackets_the_largest_batch(max_batch):
     assert max_batch.next_batch(102, 105, 0.05) == 103
     assert max_batch.next_batch(100, None, 0.05) == 105
     assert max_batch.next_batch(104, 105, 0.05) is None
+
+
+def test_bracket_continues_one_configuration_only(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "max_batch.py"), "--configs", "hae50", "hf_static",
+                          "--bracket", "100", "105", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2 and "--bracket RAN FAILED continues the search of one configuration" in run.stderr
