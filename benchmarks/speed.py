@@ -240,7 +240,7 @@ def run_config(name: str, args, batch: int, images: int, bandwidth: float,
         timed_from = time.time()
         measured = _timed_part(generate, new_tokens, device, want_busy=args.busy)
         timed_until = time.time()
-    ttfts, intervals, wall_ms, peak, out, busy = measured
+    ttfts, intervals, wall_ms, peak, out, busy, kernels = measured
     decode_ms = statistics.median(intervals)
     ttft = statistics.median(ttfts)
 
@@ -261,13 +261,14 @@ def run_config(name: str, args, batch: int, images: int, bandwidth: float,
                     graphs=counters["stats"]["unique_graphs"], gpu_busy=busy,
                     extra={"decode_ms_p10_p90": [_quantile(intervals, 0.1), _quantile(intervals, 0.9)],
                            "ttft_runs_ms": ttfts, "weights_bytes": decoder_weight_bytes(model),
-                           "timed_unix_s": [timed_from, timed_until]})
+                           "timed_unix_s": [timed_from, timed_until], "decode_kernels_us": kernels})
     return result, tokens
 
 
 def _timed_part(generate: Callable[..., Any], new_tokens: int, device: str, want_busy: bool) -> tuple:
     """TTFT (three one-token calls), then a `new_tokens` generate with a CUDA event per step, then optionally the
-    GPU-busy profile: `(ttfts, step intervals, wall ms, peak GiB, the generate's output, busy share)`."""
+    GPU-busy profile: `(ttfts, step intervals, wall ms, peak GiB, the generate's output, busy share, µs per decode
+    step by kernel)`."""
     ttfts = []
     for _ in range(3):
         synchronize(device)
@@ -286,8 +287,8 @@ def _timed_part(generate: Callable[..., Any], new_tokens: int, device: str, want
     wall_ms = (time.perf_counter() - start) * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     intervals = steps.intervals_ms()
-    busy = gpu_busy_fraction(lambda: generate(32)) if want_busy and device == "cuda" else None
-    return ttfts, intervals, wall_ms, peak, out, busy
+    busy, kernels = decode_profile(generate) if want_busy and device == "cuda" else (None, {})
+    return ttfts, intervals, wall_ms, peak, out, busy, kernels
 
 
 def release(device: str) -> None:
@@ -329,8 +330,8 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def gpu_busy_fraction(call: Callable[[], Any]) -> float | None:
-    """Share of a call's wall time during which some kernel ran (union of kernel intervals, torch.profiler)."""
+def kernel_profile(call: Callable[[], Any]) -> tuple[float, list[tuple[float, float]], dict[str, float]]:
+    """One call under torch.profiler: `(wall µs, its kernels' (start, end) spans, µs per kernel name)`."""
     from torch.profiler import ProfilerActivity, profile
 
     synchronize("cuda")
@@ -339,8 +340,16 @@ def gpu_busy_fraction(call: Callable[[], Any]) -> float | None:
         call()
         synchronize("cuda")
         wall_us = (time.perf_counter() - start) * 1e6
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    kernels = [e for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    by_name: dict[str, float] = {}
+    for event in kernels:
+        by_name[event.name] = by_name.get(event.name, 0.0) + event.time_range.end - event.time_range.start
+    return wall_us, sorted((e.time_range.start, e.time_range.end) for e in kernels), by_name
+
+
+def busy_share(wall_us: float, spans: list[tuple[float, float]]) -> float | None:
+    """Share of `wall_us` during which some kernel ran (the union of the kernels' spans)."""
     if not spans:
         return None
     busy, (current_start, current_end) = 0.0, spans[0]
@@ -352,6 +361,22 @@ def gpu_busy_fraction(call: Callable[[], Any]) -> float | None:
             current_end = max(current_end, end)
     busy += current_end - current_start
     return busy / wall_us
+
+
+#: decode steps the GPU-busy profile covers, and the kernels per step it reports
+PROFILED_STEPS, TOP_KERNELS = 32, 12
+
+
+def decode_profile(generate: Callable[[int], Any]) -> tuple[float | None, dict[str, float]]:
+    """`(GPU-busy share of a PROFILED_STEPS-token generate, µs per decode step of its TOP_KERNELS costliest kernels
+    and of all of them as "total")`. A one-token generate (the prefill and the first token) is profiled too and
+    its kernels are taken off, so the kernels are those of the decode steps."""
+    _, _, prefill = kernel_profile(lambda: generate(1))
+    wall_us, spans, whole = kernel_profile(lambda: generate(PROFILED_STEPS + 1))
+    per_step = {name: (us - prefill.get(name, 0.0)) / PROFILED_STEPS for name, us in whole.items()}
+    top = dict(sorted(per_step.items(), key=lambda item: -item[1])[:TOP_KERNELS])
+    return busy_share(wall_us, spans), {**{name: round(us, 2) for name, us in top.items()},
+                                        "total": round(sum(per_step.values()), 2)}
 
 
 COLUMNS = ("config", "batch", "prompt_len", "visual_tokens", "capacity", "kv_bytes", "decode_ms", "decode_wall_ms",
@@ -412,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="the tiny fp32 LLaVA and 8 new tokens")
-    parser.add_argument("--busy", action="store_true", help="also profile a 32-token generate for GPU-busy time")
+    parser.add_argument("--busy", action="store_true",
+                        help="also profile a 33-token generate: GPU-busy time and the decode step's costliest kernels")
     parser.add_argument("--memory-snapshot", nargs="*", default=[], choices=CONFIGS,
                         help="configs whose first generate records the CUDA allocator history; writes the blocks "
                              "alive at peak to peak_allocations_<config>_b<batch>.json")

@@ -20,15 +20,22 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @contextlib.contextmanager
 def benchmark_script(name: str) -> Iterator[ModuleType]:
     """`benchmarks/<name>.py` loaded as a module, with `benchmarks/` on `sys.path` while it is in use (the scripts
-    import their siblings, e.g. gpu_families, by file name)."""
+    import their siblings, e.g. gpu_families, by file name). It is in `sys.modules` meanwhile, where dataclasses
+    look up the module that defines them."""
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.path.remove(str(BENCHMARKS))
+        if previous is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = previous
 
 
 def llava_inputs(model, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

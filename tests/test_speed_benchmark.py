@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import benchmark_script
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 CONFIGS = ["hf_static", "full", "full_hf_loop", "hae50", "streaming50"]
 
@@ -47,3 +49,10 @@ def test_jobs_compile_together_and_are_timed_in_turn(tmp_path):
     assert rows["full"]["token_agreement"] == 1.0 and rows["h2o@24"]["kv_bytes"] < rows["full"]["kv_bytes"]
     spans = sorted(tuple(row["extra"]["timed_unix_s"]) for row in rows.values())
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+
+
+def test_busy_share_is_the_union_of_kernel_spans():
+    """Overlapping kernels (two streams) count once; gaps between them are idle."""
+    with benchmark_script("speed") as speed:
+        assert speed.busy_share(100.0, [(0.0, 10.0), (5.0, 20.0), (50.0, 60.0)]) == 0.3
+        assert speed.busy_share(100.0, []) is None
