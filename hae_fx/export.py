@@ -210,8 +210,8 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
 
     Raises:
         HAEUnsupportedModelError: the model's forward does not trace with a dynamic prompt length (a shape guard
-            on it fails at some prompt length the package would take, e.g. in Llama 4's mixture-of-experts layers),
-            or torch.export itself failed on it (on torch 2.11, LLaVA's prefill fails in the tracer).
+            on it fails at some prompt length the package would take, e.g. a branch on the length), or
+            torch.export itself failed on it (on torch 2.11, LLaVA-7B's prefill with pixels fails in the tracer).
         HAESiteError: the decode graph's attention over the cache slots was not rewritten (it would attend over
             every slot under the model's own mask).
     """
@@ -240,7 +240,7 @@ def _export_program(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple,
             "docs/deploy.md lists the families that export (the traceback above this error is torch's)"
         ) from error
     violation = export_guards.first_violation(export_guards.runtime_assertions(program),
-                                              export_guards.dim_symbols(program, args, dynamic_shapes), admissible)
+                                              export_guards.dim_symbols(program, dynamic_shapes), admissible)
     if violation is not None:
         assertion, values = violation
         at = ", ".join(f"{dim}={value}" for dim, value in sorted(values.items()))

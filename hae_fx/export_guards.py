@@ -7,7 +7,7 @@ kernel's contiguity checks of an attention mask padded to a multiple of 8), whic
 asks torch.export to defer such guards to runtime assertions in the graph
 (`prefer_deferred_runtime_asserts_over_guards`), and then proves or refuses each here, by evaluating it at every
 value the runner can pass: a package takes a known, finite set of prompt lengths. An assertion that fails at one of
-them is a real specialisation (Llama 4's mixture-of-experts layers) and the export is refused, naming it, as before.
+them is a real specialisation (a branch on the length, say) and the export is refused, naming it and the length.
 Assertions on data-dependent sizes (unbacked symbols, such as a mask's count of image tokens) stay runtime checks.
 """
 
@@ -20,17 +20,15 @@ import sympy
 import torch
 
 
-def dim_symbols(program: torch.export.ExportedProgram, args: tuple, dynamic_shapes: tuple
-                ) -> dict[sympy.Symbol, str]:
-    """The name of the `torch.export.Dim` (of `dynamic_shapes`, whose structure is that of `args`: a
-    `{dim index: Dim}` dict or None per tensor) behind each symbol of the exported graph's input sizes."""
-    tensors = torch.utils._pytree.tree_leaves(args)
+def dim_symbols(program: torch.export.ExportedProgram, dynamic_shapes: tuple) -> dict[sympy.Symbol, str]:
+    """The name of the `torch.export.Dim` (of `dynamic_shapes`, as passed to torch.export: a `{dim index: Dim}`
+    dict or None per input tensor) behind each symbol of the exported graph's input sizes."""
     specs = torch.utils._pytree.tree_leaves(dynamic_shapes, is_leaf=lambda spec: spec is None or isinstance(spec, dict))
     placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
     user = [node for node, spec in zip(placeholders, program.graph_signature.input_specs, strict=True)
             if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     symbols: dict[sympy.Symbol, str] = {}
-    for node, _tensor, spec in zip(user, tensors, specs, strict=True):
+    for node, spec in zip(user, specs, strict=True):
         for index, dim in (spec or {}).items():
             size = node.meta["val"].shape[index]
             if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
