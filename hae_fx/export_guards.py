@@ -57,6 +57,7 @@ def first_violation(assertions: Iterable[sympy.Basic], symbols: Mapping[sympy.Sy
     for values in admissible:
         substitution: dict[Any, int] = {symbol: values[name] for symbol, name in symbols.items()}
         for assertion in checked:
-            if not bool(assertion.xreplace(substitution)):
+            # one that does not reduce to true or false at these values stays a runtime check
+            if assertion.xreplace(substitution) is sympy.false:
                 return assertion, {symbols[symbol]: substitution[symbol] for symbol in assertion.free_symbols}
     return None
