@@ -7,11 +7,10 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.conftest import benchmark_script
+from tests.conftest import BENCHMARKS, benchmark_script
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+BENCHMARK = BENCHMARKS / "speed.py"
 CONFIGS = ["hf_static", "full", "full_hf_loop", "hae50", "streaming50"]
 
 
