@@ -1,11 +1,12 @@
-"""Accuracy against KV budget for every eviction policy: SynthVLM's questions and follow-ups, or Gemma 3 270M's
-retrieval tasks.
+"""Accuracy against KV budget for every eviction policy: SynthVLM's questions and follow-ups (asked of SynthVLM or of
+Gemma-VLM, the same task on the frozen Gemma 3 270M), or Gemma 3 270M's retrieval tasks.
 
     python benchmarks/accuracy.py                       # SynthVLM: 600 questions and 300 conversations, 6 budgets
     python benchmarks/accuracy.py --quick               # CI-sized: 60 questions, 3 budgets
     python benchmarks/accuracy.py --tune                # also tune `hae` on the tuning split, run `hae_tuned`
     python benchmarks/accuracy.py --ablate              # also `hae` taken apart (`ABLATIONS`)
     python benchmarks/accuracy.py --kv-dtype int8       # every variant also with int8 K/V slots (rows `name+int8`)
+    python benchmarks/accuracy.py --model gemma-vlm     # SynthVLM's questions asked of Gemma-VLM
     python benchmarks/accuracy.py --model gemma3-270m [retrieval options]   # benchmarks/retrieval.py's tasks
 
 Every policy registered in `hae_fx.policies` runs through `hae_fx.transform` (Dynamo capture and the hae graph
@@ -85,7 +86,7 @@ from hae_fx.models.synthvlm.evaluate import (
     question_groups,
     score,
 )
-from hae_fx.models.synthvlm.model import cell_patches, load
+from hae_fx.models.synthvlm.model import cell_patches
 from hae_fx.models.synthvlm.scenes import asked_cell
 from hae_fx.policies import available, config_class, get_policy, sweep_config
 
@@ -515,8 +516,9 @@ def _field_value(text: str) -> tuple[str, object]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("synthvlm", "gemma3-270m"), default="synthvlm",
-                        help="gemma3-270m runs benchmarks/retrieval.py with the options that follow")
+    parser.add_argument("--model", choices=("synthvlm", "gemma-vlm", "gemma3-270m"), default="synthvlm",
+                        help="the scene-task model (gemma-vlm needs `pip install \"hae_fx[gemma]\"`); gemma3-270m "
+                             "runs benchmarks/retrieval.py with the options that follow")
     parser.add_argument("--quick", action="store_true", help="60 questions, 30 conversations and 3 budgets (CI)")
     parser.add_argument("--questions", type=int, default=None, help="test-split questions (default 600; quick 60)")
     parser.add_argument("--conversations", type=int, default=None,
@@ -549,7 +551,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/accuracy[_quick]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.model == "synthvlm":
+    if rest and args.model != "gemma3-270m":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args, rest
 
@@ -561,6 +563,17 @@ def _retrieval_main():
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module.main
+
+
+def scene_model(name: str):
+    """`(model, tokenizer)` of a scene-task model: SynthVLM or Gemma-VLM (both answer `WordTokenizer` ids)."""
+    if name == "gemma-vlm":
+        from hae_fx.models.gemma_vlm.model import load as load_gemma_vlm
+
+        return load_gemma_vlm()
+    from hae_fx.models.synthvlm.model import load as load_synthvlm
+
+    return load_synthvlm()
 
 
 def selected_variants(args: argparse.Namespace) -> list[Variant]:
@@ -586,7 +599,8 @@ def main(argv: list[str] | None = None) -> list:
     questions = args.questions or (60 if args.quick else 600)
     chats = questions // 2 if args.conversations is None else args.conversations
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
-    out = args.out or RESULTS / ("accuracy_quick" if args.quick else "accuracy")
+    name = "accuracy" + ("_gemma_vlm" if args.model == "gemma-vlm" else "") + ("_quick" if args.quick else "")
+    out = args.out or RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     chosen = selected_variants(args)
 
@@ -599,7 +613,7 @@ def main(argv: list[str] | None = None) -> list:
         _write_report(rows, tuning, out, argv, f"merged from {', '.join(map(str, args.merge))}")
         return rows
 
-    base, tokenizer = load()
+    base, tokenizer = scene_model(args.model)
     groups = groups_of(tokenizer, held_out(questions, stream=HELD_OUT), conversations(chats, HELD_OUT))
     options = {"hae.compiler": args.compiler}
     print(f"test split: {questions} questions and {chats} conversations in groups "
@@ -631,8 +645,8 @@ def main(argv: list[str] | None = None) -> list:
     if args.rows_out:
         args.rows_out.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
     _write_report(rows, tuning, out, argv,
-                  f"{questions} questions, {chats} conversations, compiler {args.compiler}, torch {torch.__version__}, "
-                  f"{platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s")
+                  f"{args.model}, {questions} questions, {chats} conversations, compiler {args.compiler}, "
+                  f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s")
     return rows
 
 

@@ -12,7 +12,8 @@ from hae_fx import logs
 
 ROOT = Path(__file__).resolve().parents[1]
 #: command-line programs, whose printed lines are their output
-PROGRAMS = {"hae_fx/cli.py", "hae_fx/demo.py", "hae_fx/deploy_runner.py", "models/synthvlm/train.py"}
+PROGRAMS = {"hae_fx/cli.py", "hae_fx/demo.py", "hae_fx/deploy_runner.py", "models/synthvlm/train.py",
+            "models/gemma_vlm/lm_pack.py"}
 
 
 def test_the_library_prints_only_in_its_command_line_programs():

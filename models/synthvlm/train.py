@@ -17,7 +17,7 @@ import json
 import math
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +144,12 @@ def _weights(text: str) -> tuple[float, ...]:
     return weights
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="checkpoint directory to write")
+def training_parser(description: str, out_default: Path | None) -> argparse.ArgumentParser:
+    """The options every scene-task training run takes (schedule, data, evaluation, device); a model's own
+    training script adds its options to this parser."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=out_default, required=out_default is None,
+                        help="checkpoint directory to write")
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of scratch")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -171,21 +174,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=max(1, (multiprocessing.cpu_count() or 1) - 1),
                         help="processes that render the pool and generate questions")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return training_parser(__doc__.split("\n\n")[0], CHECKPOINT_DIR).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
     tokenizer = WordTokenizer()
     model = new_model(args.seed) if args.init is None else load(args.init)[0]
+    return fit(model, args, model.parameters(), lambda: save(model, tokenizer, args.out))
+
+
+def fit(model: torch.nn.Module, args: argparse.Namespace, parameters: Iterable[torch.nn.Parameter],
+        save_checkpoint: Callable[[], None]) -> dict:
+    """Train `parameters` of `model` (a SynthVLM-geometry LLaVA over `WordTokenizer` ids) on fresh scene questions
+    as `args` (`training_parser`) says; evaluates on held-out questions every `--eval-every` steps and at the end,
+    calls `save_checkpoint` after each evaluation, and writes `training.json` into `--out`. Returns that log."""
+    device = torch.device(args.device)
+    tokenizer = WordTokenizer()
     model.to(device).train()
+    parameters = [p for p in parameters if p.requires_grad]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    print(f"SynthVLM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device}")
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({sum(p.numel() for p in parameters) / 1e6:.2f} M trained) on {device}")
 
     pool = torch.from_numpy(render_pool(args.pool, args.workers)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     stream = QuestionStream(args.pool, args.batch_size, args.seed, args.kind_weights, args.patch_dropout,
                             args.follow_up_share, args.max_follow_ups)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss = per_question_loss(model(**batch).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         losses.append(loss.item())
         if step % 50 == 0:
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         if (step + 1) % args.eval_every == 0 and not timed_out:
             log["evals"].append({"step": step + 1, **_evaluate(model, tokenizer, eval_set)})
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-50:]):.4f}, held-out {_fmt(log['evals'][-1])}")
-            save(model, tokenizer, args.out)
+            save_checkpoint()
         if timed_out:
             tqdm.write(f"time limit reached after {step + 1} steps")
             break
@@ -228,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                       (held_out(args.final_eval_questions), conversations(args.final_eval_questions)))
     log["final_eval"] = {"questions": args.final_eval_questions, **final}
     print(f"final held-out accuracy ({args.final_eval_questions} questions): {_fmt(final)}")
-    save(model, tokenizer, args.out)
+    save_checkpoint()
     (args.out / "training.json").write_text(json.dumps(log, indent=1) + "\n")
     return log
 
