@@ -646,7 +646,8 @@ def main(argv: list[str] | None = None) -> list:
         args.rows_out.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
     _write_report(rows, tuning, out, argv,
                   f"{args.model}, {questions} questions, {chats} conversations, compiler {args.compiler}, "
-                  f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {time.perf_counter() - start:.0f} s")
+                  f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+                  f"{time.perf_counter() - start:.0f} s")
     return rows
 
 
