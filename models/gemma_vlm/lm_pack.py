@@ -98,10 +98,11 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor]:
     for path in blocks:
         with safe_open(str(path), "np") as handle:
             meta = handle.metadata()
-        for name, raw in load_file(str(path)).items():
-            kind, shape = json.loads(meta[name])
-            weight = torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType[kind]))).reshape(shape)
-            state[name] = weight.float() - 1 if name.endswith("norm.weight") else weight.float()
+            for name in handle.keys():
+                kind, shape = json.loads(meta[name])
+                raw = dequantize(handle.get_tensor(name), GGMLQuantizationType[kind])
+                weight = torch.from_numpy(np.ascontiguousarray(raw)).reshape(shape).float()
+                state[name] = weight - 1 if name.endswith("norm.weight") else weight
     rows = torch.from_numpy(load_file(str(folder / ROWS_FILE))["rows"])
     return json.loads((folder / CONFIG_FILE).read_text()), state, rows
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Gemma3TextConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from hae_fx.models.gemma_vlm import lora
-from hae_fx.models.synthvlm.model import VISUAL_TOKENS, synthvlm_config
+from hae_fx.models.synthvlm.model import VISUAL_TOKENS, set_generation_defaults, synthvlm_config
 from hae_fx.models.synthvlm.tokenizer import IMAGE, SPECIAL_TOKENS, WordTokenizer
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
@@ -80,9 +80,7 @@ def build(text_config: dict, decoder: dict[str, torch.Tensor], rows: torch.Tenso
         raise ValueError(f"Gemma decoder weights do not fit: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     model.get_submodule(VISION).load_state_dict(load_synthvlm()[0].get_submodule(VISION).state_dict())
-    generation = model.generation_config
-    generation.bos_token_id, generation.eos_token_id = WordTokenizer.bos_id, WordTokenizer.eos_id
-    generation.pad_token_id, generation.do_sample = WordTokenizer.pad_id, False
+    set_generation_defaults(model)
     return model
 
 

@@ -50,7 +50,7 @@ def synthvlm_config(vocab_size: int | None = None) -> LlavaConfig:
     return config
 
 
-def _set_generation_defaults(model: LlavaForConditionalGeneration) -> None:
+def set_generation_defaults(model: LlavaForConditionalGeneration) -> None:
     generation = model.generation_config
     generation.bos_token_id = WordTokenizer.bos_id
     generation.eos_token_id = WordTokenizer.eos_id
@@ -62,7 +62,7 @@ def new_model(seed: int = 0) -> LlavaForConditionalGeneration:
     """A freshly initialised SynthVLM (for training)."""
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(synthvlm_config())
-    _set_generation_defaults(model)
+    set_generation_defaults(model)
     return model
 
 
@@ -76,7 +76,7 @@ def load(path: str | Path = CHECKPOINT_DIR, *, dtype: torch.dtype = torch.float3
             f"`python -m hae_fx.models.synthvlm.train --out {path}`"
         )
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    _set_generation_defaults(model)
+    set_generation_defaults(model)
     return model.to(device).eval(), WordTokenizer.load(path / TOKENIZER_FILE)
 
 

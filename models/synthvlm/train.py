@@ -144,12 +144,11 @@ def _weights(text: str) -> tuple[float, ...]:
     return weights
 
 
-def training_parser(description: str, out_default: Path | None) -> argparse.ArgumentParser:
+def training_parser(description: str, out_default: Path) -> argparse.ArgumentParser:
     """The options every scene-task training run takes (schedule, data, evaluation, device); a model's own
     training script adds its options to this parser."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, default=out_default, required=out_default is None,
-                        help="checkpoint directory to write")
+    parser.add_argument("--out", type=Path, default=out_default, help="checkpoint directory to write")
     parser.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of scratch")
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=128)
