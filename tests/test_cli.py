@@ -239,7 +239,7 @@ def test_bench_accuracy_passes_its_options_on(hae_fx_main, tmp_path):
     assert Image.open(tmp_path / "accuracy.png").size == (1210, 495)  # one panel per task
 
 
-@pytest.mark.parametrize(("benchmark", "usage"), [("accuracy", "[-h] [--model {synthvlm,gemma3-270m}]"),
+@pytest.mark.parametrize(("benchmark", "usage"), [("accuracy", "[-h] [--model {synthvlm,gemma-vlm,gemma3-270m}]"),
                                                    ("speed", "[-h] [--model {llava7b}]")])
 def test_bench_help_is_the_benchmarks_own(hae_fx_main, benchmark, usage):
     code, out, _ = hae_fx_main("bench", benchmark, "--help")
