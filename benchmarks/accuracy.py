@@ -7,6 +7,7 @@ Gemma-VLM, the same task on the frozen Gemma 3 270M), or Gemma 3 270M's retrieva
     python benchmarks/accuracy.py --ablate              # also `hae` taken apart (`ABLATIONS`)
     python benchmarks/accuracy.py --kv-dtype int8       # every variant also with int8 K/V slots (rows `name+int8`)
     python benchmarks/accuracy.py --model gemma-vlm     # SynthVLM's questions asked of Gemma-VLM
+    python benchmarks/accuracy.py --model gemma-vlm --device cuda --lm-pack PACK   # on a GPU without the registry
     python benchmarks/accuracy.py --model gemma3-270m [retrieval options]   # benchmarks/retrieval.py's tasks
 
 Every policy registered in `hae_fx.policies` runs through `hae_fx.transform` (Dynamo capture and the hae graph
@@ -17,9 +18,11 @@ full cache: `capacity = round(budget * (prompt width + every new token))`, per q
 questions, descriptions, and conversations (a one-word question, then `colour_at` and `shape_at` follow-ups about
 other cells, each asked on the cache the previous turn returned: `models.synthvlm.data.Conversation`), each with
 its own prompt width and answer length. Sinks, window and bin scale with the capacity (`config_for`), the same rule
-for every policy. With `--kv-dtype`, each variant runs a second time with its K/V slots stored in that 8-bit form
-(`PolicyConfig.kv_dtype`); its "KV vs full" compares the real bytes (8-bit values and scales) with a full cache in
-the model's dtype, so it shows the two savings multiplied.
+for every policy. "KV vs full" is the K/V bytes of the slots a question can fill (a ring longer than the question,
+as `--set full_windows=True` keeps a sliding window, counts for no more than its tokens) over a full cache's in the
+model's dtype. With `--kv-dtype`, each variant runs a second time with its K/V slots stored in that 8-bit form
+(`PolicyConfig.kv_dtype`); its "KV vs full" counts the real bytes (8-bit values and scales), so it shows the two
+savings multiplied.
 
 Scores (`hae_fx.models.synthvlm.evaluate.score`): exact match for short answers, the share of shapes described
 correctly for descriptions; each conversation turn (`turn1`..`turn3`) is a kind of its own. A kind is **inert**
@@ -272,12 +275,20 @@ def asked_cell_kept(example: Example, visual_positions: Sequence[int], kept: Col
     return sum(p in kept for p in positions) / len(positions)
 
 
+def fillable_kv_bytes(cache: hae_fx.HAECache, tokens: int) -> float:
+    """K/V bytes per sequence of the slots a sequence of `tokens` tokens can fill: every slot of a cache no longer
+    than the sequence, and no more than `tokens` of a longer ring (a window `full_windows` keeps whole)."""
+    return sum(t.numel() * t.element_size() * min(layer.slots, tokens) / layer.slots
+               for layer in cache.layers for t in layer.kv_tensors()) / cache.batch
+
+
 class _CacheStats:
     """Collects, per generated question, the cache's KV bytes and how many of its visual tokens survived, and, per
     `CELL_KINDS` question, how many of the asked cell's (`asked_cell_kept`). The end of generation reads layer 0's
     slots (`kept_positions`): for a policy with per-layer capacities its largest, with a head axis any KV head's."""
 
     def __init__(self) -> None:
+        self.full_length = 0  # the current group's full cache, in slots (`Group.full_length`)
         self.kv_bytes: list[float] = []
         self.visual_prefill: list[float] = []
         self.visual_end: list[float] = []
@@ -286,7 +297,7 @@ class _CacheStats:
 
     def __call__(self, examples: Sequence[object], out) -> None:
         cache = out.past_key_values
-        per_sequence = cache.kv_nbytes / cache.batch
+        per_sequence = fillable_kv_bytes(cache, self.full_length)
         summary = hae_fx.report(cache)
         now = kept_positions(cache)
         for row, example in enumerate(examples):
@@ -328,13 +339,12 @@ def run(base: torch.nn.Module, tokenizer: WordTokenizer, variant: Variant, budge
     questions = 0
     for group in groups:
         model = hae_fx.transform(copy.deepcopy(base), config_for(variant, group.capacity(budget)), options=options)
+        stats.full_length = group.full_length
         row.scores.update(_answer_group(model, tokenizer, group, batch_size, stats))
         questions += group.size
-        if variant.kv_dtype is None:
-            row.full_kv_bytes += group.size * stats.kv_bytes[-1] * group.full_length / group.capacity(budget)
-        else:  # against a full cache in the model's dtype, whatever this variant stores
-            unquantized = hae_fx.HAECache.for_model(model, hae_fx.HAEConfig(policy="full", capacity=1), batch=1)
-            row.full_kv_bytes += group.size * unquantized.kv_bytes_per_token * group.full_length
+        # against a full cache in the model's dtype, whatever this variant stores
+        full = hae_fx.HAECache.for_model(model, hae_fx.HAEConfig(policy="full", capacity=group.full_length), batch=1)
+        row.full_kv_bytes += group.size * full.kv_nbytes
     row.seconds = time.perf_counter() - start
     row.scores = {kind: row.scores[kind] for kind in (*QUESTION_KINDS, *TURN_KINDS) if kind in row.scores}
     row.kv_bytes = sum(stats.kv_bytes) / questions
@@ -550,6 +560,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                              "over processes): report them together instead of running")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/accuracy[_quick]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model and its caches live (float32 either way)")
+    parser.add_argument("--lm-pack", type=Path, default=None,
+                        help="Gemma-VLM: the folder `python -m hae_fx.models.gemma_vlm.lm_pack` wrote, for a machine "
+                             "without the registry package")
     args, rest = parser.parse_known_args(argv)
     if rest and args.model != "gemma3-270m":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -565,15 +580,21 @@ def _retrieval_main():
     return module.main
 
 
-def scene_model(name: str):
-    """`(model, tokenizer)` of a scene-task model: SynthVLM or Gemma-VLM (both answer `WordTokenizer` ids)."""
+def scene_model(name: str, device: str = "cpu", lm_pack: Path | None = None):
+    """`(model, tokenizer)` of a scene-task model on `device`: SynthVLM or Gemma-VLM (both answer `WordTokenizer`
+    ids; Gemma-VLM's language model from the registry, or from `lm_pack`'s folder)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                         "run on a GPU machine or use --device cpu")
     if name == "gemma-vlm":
         from hae_fx.models.gemma_vlm.model import load as load_gemma_vlm
 
-        return load_gemma_vlm()
+        return load_gemma_vlm(device=device, pack=lm_pack)
+    if lm_pack is not None:
+        raise SystemExit("--lm-pack is Gemma-VLM's language model; use it with --model gemma-vlm")
     from hae_fx.models.synthvlm.model import load as load_synthvlm
 
-    return load_synthvlm()
+    return load_synthvlm(device=device)
 
 
 def selected_variants(args: argparse.Namespace) -> list[Variant]:
@@ -613,7 +634,7 @@ def main(argv: list[str] | None = None) -> list:
         _write_report(rows, tuning, out, argv, f"merged from {', '.join(map(str, args.merge))}")
         return rows
 
-    base, tokenizer = scene_model(args.model)
+    base, tokenizer = scene_model(args.model, args.device, args.lm_pack)
     groups = groups_of(tokenizer, held_out(questions, stream=HELD_OUT), conversations(chats, HELD_OUT))
     options = {"hae.compiler": args.compiler}
     print(f"test split: {questions} questions and {chats} conversations in groups "
@@ -646,7 +667,7 @@ def main(argv: list[str] | None = None) -> list:
         args.rows_out.write_text(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "tuning": tuning}))
     _write_report(rows, tuning, out, argv,
                   f"{args.model}, {questions} questions, {chats} conversations, compiler {args.compiler}, "
-                  f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+                  f"{args.device}, torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
                   f"{time.perf_counter() - start:.0f} s")
     return rows
 

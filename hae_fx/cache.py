@@ -8,9 +8,10 @@ whose KV heads keep index sets of their own (`Policy.head_axis`) has slot metada
 layer's `[B, Hkv, C, D]` buffers holds its own tokens.
 
 Sliding-window and chunked layers (`hae_fx.layer_kinds`) never need more than their span of keys: each holds a
-ring of `min(span, capacity)` slots instead, where the token at position `p` lives in slot `p % ring`, with its
-own `ring_pos [B, ring]` (the position held, -1 when empty or outside the query's chunk). Eviction policies act on
-the global layers; a ring only ever drops what its layer can no longer see.
+ring of `min(span, capacity)` slots instead (all `span` with `PolicyConfig.full_windows`), where the token at
+position `p` lives in slot `p % ring`, with its own `ring_pos [B, ring]` (the position held, -1 when empty or
+outside the query's chunk). Eviction policies act on the global layers; a ring of `span` slots only ever drops what
+its layer can no longer see, a shorter one also the oldest tokens its layer could still see.
 
 Every tensor is allocated once, before any compile, and marked with `mark_static_address`, so compiled graphs
 read them as fixed-address inputs that CUDA graphs can capture. Each carries `_hae_role`, which the passes use
@@ -57,7 +58,8 @@ class HAELayer(CacheLayerMixin):
     """One decoder layer's K/V slots.
 
     A global layer's slots follow the cache's shared slot metadata (`HAECache.slot_pos`, the policy's choice); a
-    windowed layer (sliding or chunked) is a ring of `min(span, capacity)` slots with its own `ring_pos`.
+    windowed layer (sliding or chunked) is a ring of `min(span, capacity)` slots (`span` with
+    `PolicyConfig.full_windows`) with its own `ring_pos`.
     """
 
     is_compileable = True
@@ -67,7 +69,8 @@ class HAELayer(CacheLayerMixin):
         self.cache = cache
         self.layer_idx = layer_idx
         self.kind = kind
-        self.slots = kind.cache_slots(cache.capacity if capacity is None else capacity)
+        self.slots = kind.cache_slots(cache.capacity if capacity is None else capacity,
+                                      full_windows=cache.config.full_windows)
         self.ring_pos: torch.Tensor | None = None
         #: per-slot scales of quantized K/V (`PolicyConfig.kv_dtype`), None for unquantized slots
         self.key_scales: torch.Tensor | None = None

@@ -101,13 +101,13 @@ def policy_config(policy: str, budget: float, context: int) -> PolicyConfig:
                         bin_size=max(1, capacity // 8))
 
 
-def kv_bytes(model: torch.nn.Module, capacity: int, dtype: torch.dtype) -> int:
+def kv_bytes(model: torch.nn.Module, capacity: int, dtype: torch.dtype, *, full_windows: bool = False) -> int:
     """K/V bytes per sequence of a cache of `capacity` slots for `model` (windowed layers keep their ring)."""
     from hae_fx.models import family_of
 
     family = family_of(model)
     kv_heads, head_dim = family.kv_geometry(model)
-    slots = sum(kind.cache_slots(capacity) for kind in family.layer_kinds(model))
+    slots = sum(kind.cache_slots(capacity, full_windows=full_windows) for kind in family.layer_kinds(model))
     return 2 * slots * kv_heads * head_dim * dtype.itemsize
 
 
@@ -175,7 +175,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(hae_fx.inspect(model))
     dtype = config.get_text_config().dtype or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    full, kept = kv_bytes(model, args.context, dtype), kv_bytes(model, hae_config.capacity, dtype)
+    full, kept = kv_bytes(model, args.context, dtype), kv_bytes(model, hae_config.capacity, dtype,
+                                                                   full_windows=hae_config.full_windows)
     print(f"KV bytes per sequence at {args.context} tokens ({str(dtype).removeprefix('torch.')}): full cache "
           f"{_size(full)}, {args.policy} at budget {args.budget} {_size(kept)} ({1 - kept / full:.0%} less)")
 

@@ -31,6 +31,11 @@ class PolicyConfig:
         kv_dtype: how K/V slots are stored: None keeps the model's dtype; `"int8"` or `"float8_e4m3fn"` store
             8-bit values with one fp32 scale per slot and KV head (`hae_fx.kv_quant`), dequantized inside the
             decode attention. Prefill attends over the prompt's unquantized keys, as without quantization.
+        full_windows: whether windowed (sliding or chunked) layers keep their whole span whatever the capacity.
+            False bounds every layer by `capacity`: a windowed layer is then a ring of `min(span, capacity)` slots,
+            the most recent tokens. True leaves those layers exact (they see all they would see with a full cache)
+            and evicts only in the global layers, so policies differ only where they choose; the cache then takes
+            `span` slots per windowed layer.
     """
 
     #: the policy name this config selects (`hae_fx.policies.available()` lists them)
@@ -40,12 +45,14 @@ class PolicyConfig:
     sinks: int = 4
     window: int = 16
     kv_dtype: str | None = None
+    full_windows: bool = False
 
     def __post_init__(self) -> None:
         require_int(self, "capacity", minimum=1)
         require_int(self, "sinks", minimum=0)
         require_int(self, "window", minimum=0)
         require_choice(self, "kv_dtype", (None, *KV_DTYPES))
+        require_bool(self, "full_windows")
         self.validate()
 
     def validate(self) -> None:

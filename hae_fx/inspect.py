@@ -87,7 +87,7 @@ def inspect(model: torch.nn.Module) -> ModelInspection:
     own = dict(zip(global_layers, policy_for(config).layer_capacities(global_layers) or [], strict=False))
     layers = tuple(
         LayerPlan(index=index, kind="global" if not kind.windowed else str(kind),
-                  slots=kind.cache_slots(own.get(index, config.capacity)),
+                  slots=kind.cache_slots(own.get(index, config.capacity), full_windows=config.full_windows),
                   decode_sites=tuple(decode_forms.get(index, ())), prefill_tokens=prefill_tokens.get(index))
         for index, kind in enumerate(kinds)
     )

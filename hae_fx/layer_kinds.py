@@ -37,10 +37,12 @@ class LayerKind:
     def windowed(self) -> bool:
         return self.kind != FULL
 
-    def cache_slots(self, capacity: int) -> int:
+    def cache_slots(self, capacity: int, *, full_windows: bool = False) -> int:
         """KV slots an `HAECache` of `capacity` gives a layer of this kind: a windowed layer never needs more than
-        its span."""
-        return min(self.span, capacity) if self.windowed else capacity
+        its span, and keeps all of it with `full_windows` (`PolicyConfig.full_windows`) however small `capacity`."""
+        if not self.windowed:
+            return capacity
+        return self.span if full_windows else min(self.span, capacity)
 
     def __str__(self) -> str:
         return self.kind if self.span is None else f"{self.kind} {self.span}"

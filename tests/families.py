@@ -216,7 +216,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("janus", _janus, image_tokens=16, extra_inputs=_square_pixels),
 )
 
-BY_NAME = {family.name: family for family in FAMILIES}
+#: gemma3-text with a window longer than the capacities the tests give, and shorter than prompt + new tokens: with
+#: `PolicyConfig.full_windows` its sliding layers keep more tokens than the global layers' capacity
+GEMMA3_TEXT_WIDE = Family("gemma3-text-wide", _text("gemma3_text", num_hidden_layers=7, sliding_window=20,
+                                                    head_dim=16, query_pre_attn_scalar=16), windowed=True)
+BY_NAME = {family.name: family for family in [*FAMILIES, GEMMA3_TEXT_WIDE]}
 
 
 def phi4_multimodal() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

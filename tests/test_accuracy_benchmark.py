@@ -209,9 +209,34 @@ def test_gemma_vlm_sweep_asks_the_same_questions_of_the_real_lm(accuracy_module,
     threads = torch.get_num_threads()
     try:
         rows = accuracy_module.main(["--model", "gemma-vlm", "--questions", "5", "--conversations", "2",
-                                     "--policies", "full,streaming", "--budgets", "0.5", "--out", str(tmp_path)])
+                                     "--policies", "full,streaming", "--budgets", "0.5", "--set", "full_windows=True",
+                                     "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     assert [(r.variant, r.budget) for r in rows] == [("full", 1.0), ("streaming", 0.5)]
     assert rows[0].headline(list(rows[0].scores)) >= 0.9
     assert "gemma-vlm, 5 questions, 2 conversations" in (tmp_path / "accuracy.md").read_text()
+    # whole windows: 15 of the 18 layers keep every token, the 3 global ones half of them
+    assert rows[1].kv_bytes / rows[1].full_kv_bytes == pytest.approx((15 + 3 * 0.5) / 18, abs=0.01)
+
+
+def test_kv_bytes_count_the_slots_a_question_can_fill(accuracy_module) -> None:
+    """A ring longer than the question (`full_windows`) counts for the question's tokens; other layers in full."""
+    import hae_fx
+    from tests.families import GEMMA3_TEXT_WIDE
+
+    model = GEMMA3_TEXT_WIDE.build()  # six sliding layers of window 20, one global layer
+    config = hae_fx.HAEConfig(policy="streaming", capacity=8, sinks=1, window=2, full_windows=True)
+    cache = hae_fx.HAECache.for_model(model, config, batch=2)
+    per_slot = cache.kv_bytes_per_token / 7 / 2  # per sequence; every layer has the same K/V geometry
+    assert accuracy_module.fillable_kv_bytes(cache, 12) == 12 * 6 * per_slot + 8 * per_slot
+    assert accuracy_module.fillable_kv_bytes(cache, 30) == 20 * 6 * per_slot + 8 * per_slot
+    assert accuracy_module.fillable_kv_bytes(cache, 30) == cache.kv_nbytes / 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_by_name(accuracy_module, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        accuracy_module.main(["--quick", "--device", "cuda", "--policies", "full", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--lm-pack is Gemma-VLM's"):
+        accuracy_module.main(["--quick", "--lm-pack", "/nonexistent", "--policies", "full", "--out", str(tmp_path)])

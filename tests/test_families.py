@@ -11,7 +11,7 @@ import hae_fx
 from hae_fx import HAEConfig, HAESiteError, HAEUnsupportedModelError
 from hae_fx.cache import kept_positions
 from hae_fx.layer_kinds import CHUNKED, FULL, SLIDING, LayerKind, layer_kinds
-from tests.families import BY_NAME, FAMILIES, WINDOW, phi4_multimodal
+from tests.families import BY_NAME, FAMILIES, GEMMA3_TEXT_WIDE, WINDOW, phi4_multimodal
 from tests.oracle import run_oracle, streaming_keep
 
 EAGER = {"hae.compiler": "eager"}
@@ -66,19 +66,22 @@ def test_evicting_policies_run_in_fixed_memory(name, policy, dynamo_counters):
             assert positions == streaming_keep(seen, capacity, sinks)
 
 
+@pytest.mark.parametrize(("capacity", "sinks", "full_windows"), [(10, 2, False), (5, 1, True)])
 @pytest.mark.parametrize("name", [family.name for family in FAMILIES if family.windowed and not family.image_tokens])
-def test_windowed_layers_match_the_oracle_under_streaming(name):
+def test_windowed_layers_match_the_oracle_under_streaming(name, capacity, sinks, full_windows):
     """Global layers attend over the streaming set, sliding layers over their last WINDOW positions: tokens, logits
-    and kept positions equal the eager oracle's at every step."""
+    and kept positions equal the eager oracle's at every step, also with a capacity below the window when
+    `full_windows` keeps whole windows."""
     family = BY_NAME[name]
     reference = family.build()
     inputs = family.inputs(1)
     inputs.pop("attention_mask")
-    config = HAEConfig(policy="streaming", capacity=10, sinks=2, window=3)
+    config = HAEConfig(policy="streaming", capacity=capacity, sinks=sinks, window=3, full_windows=full_windows)
     model = _transformed(family, config, reference)
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
                          output_logits=True)
-    tokens, kept, logits = run_oracle(reference, inputs, policy="streaming", capacity=10, sinks=2, new_tokens=24)
+    tokens, kept, logits = run_oracle(reference, inputs, policy="streaming", capacity=capacity, sinks=sinks,
+                                      new_tokens=24)
     prompt_len = inputs["input_ids"].shape[1]
     assert out.sequences[:, prompt_len:].tolist() == tokens
     torch.testing.assert_close(torch.cat(out.logits), logits, atol=1e-4, rtol=1e-4)
@@ -96,6 +99,13 @@ def test_sliding_layers_hold_only_their_window():
         assert layer.keys.shape[2] == (WINDOW if layer.kind.windowed else 48)
     global_bytes = cache.kv_bytes_per_token * 48
     assert cache.kv_nbytes == global_bytes * (1 + 6 * WINDOW / 48) / 7
+
+
+@pytest.mark.parametrize(("full_windows", "sliding_slots"), [(False, 4), (True, WINDOW)])
+def test_full_windows_keeps_whole_windows_below_the_window(full_windows, sliding_slots):
+    config = HAEConfig(policy="streaming", capacity=4, sinks=1, window=1, full_windows=full_windows)
+    cache = hae_fx.HAECache.for_model(BY_NAME["gemma3-text"].build(), config, batch=1)
+    assert [layer.slots for layer in cache.layers] == [sliding_slots] * 5 + [4] + [sliding_slots]
 
 
 def test_gemma3_text_compiles_with_inductor_like_the_reference_path(dynamo_counters):
@@ -195,13 +205,14 @@ def test_pruning_hidden_states_before_a_moved_dap_layer_is_refused():
 @pytest.mark.parametrize("name, dap_layer, dap_global", [
     ("gemma3-text", 5, True), ("qwen2-window", 1, True), ("gemma3-text", 0, False), ("gemma3-text", 1, True),
     ("aya-vision", 3, True), ("llava-onevision", 1, True), ("janus", 1, True), ("gemma3-vlm", 5, True),
-    ("paligemma-prefix-lm", 1, True)])
+    ("paligemma-prefix-lm", 1, True), ("gemma3-text-wide", 5, True)])
 def test_hae_matches_the_oracle(name, dap_layer, dap_global):
     """`hae` evicts from the global layers only, scores from their attention only, and sliding layers keep their
     window: kept sets, bins, tokens and logits equal the eager oracle's at every step. A sliding `dap_layer` is
     replaced by the next full-attention layer (gemma3-text's 1 by 5), or with `dap_global=False` prunes by its own
     windowed prefill attention (gemma3-text's 0); on the VLMs DAP prunes the image, reading the layer's own mask
-    (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix)."""
+    (Gemma 3's bidirectional image blocks, PaliGemma's prefix-LM prefix). gemma3-text-wide's window is longer than
+    the capacity, and `full_windows` keeps it whole."""
     from hae_fx.cache import binned_positions
     from tests.hae_oracle import run_hae_oracle
 
@@ -210,7 +221,7 @@ def test_hae_matches_the_oracle(name, dap_layer, dap_global):
     inputs = family.inputs(1)
     inputs.pop("attention_mask")
     fields = dict(capacity=14, bin_size=4, sinks=2, window=3, dap_layer=dap_layer, dap_global=dap_global)
-    config = HAEConfig(policy="hae", **fields)
+    config = HAEConfig(policy="hae", **fields, full_windows=family is GEMMA3_TEXT_WIDE)
     model = _transformed(family, config, reference)
     steps = []
 

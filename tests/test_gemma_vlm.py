@@ -85,6 +85,9 @@ def test_pack_trains_and_loads_back_the_same_model(gemma, tmp_path: Path) -> Non
         expected, got = trained.eval()(**batch).logits, merged(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # merged in float64, summed in float32
     assert not torch.allclose(got, vlm(**batch).logits, atol=1e-3), "the checkpoint holds trained parts"
+    packed, _ = model.load(out, pack=pack)  # what a machine without the registry package loads
+    assert packed.state_dict().keys() == merged.state_dict().keys()
+    assert all(torch.equal(packed.state_dict()[name], tensor) for name, tensor in merged.state_dict().items())
 
 
 @needs_gemma

