@@ -17,6 +17,7 @@ Ties (equal scores) are broken by position, lowest first, wherever the specifica
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -296,6 +297,14 @@ def _score_increments(rows: list[torch.Tensor], score_source: str, dap_layer: in
 
 
 # ------------------------------------------------------------------------------------------------- run
+
+
+def oracle_fields(config) -> dict[str, object]:
+    """An `hae` config's fields as `run_hae_oracle`'s parameters. The oracle attends over float K/V (`kv_dtype`:
+    tests/test_quantization.py covers it) and its sliding layers always see their whole window, as `full_windows`
+    or a window no longer than the capacity keeps them."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in ("policy", "kv_dtype", "full_windows")}
 
 
 def run_hae_oracle(model, inputs: dict[str, torch.Tensor], *, capacity: int, bin_size: int, sinks: int,

@@ -132,7 +132,10 @@ def test_quick_sweep(accuracy_module, tmp_path: Path) -> None:
     for kind in accuracy_module.CELL_KINDS:
         assert float(full[f"{kind}_cell_kept_prefill"]) == float(full[f"{kind}_cell_kept_end"]) == 1.0
     for (name, budget), row in by_key.items():
-        assert float(row["kv_fraction"]) == pytest.approx(budget, abs=0.01)
+        if name in layer_budgets:  # a layer larger than the question cannot fill its extra slots: they do not count
+            assert float(row["kv_fraction"]) <= budget + 0.01
+        else:
+            assert float(row["kv_fraction"]) == pytest.approx(budget, abs=0.01)
         for kind in accuracy_module.CELL_KINDS:
             assert 0.0 <= float(row[f"{kind}_cell_kept_end"]) <= float(row[f"{kind}_cell_kept_prefill"]) <= 1.0
         assert 0.0 <= float(row["visual_kept_end"]) <= float(row["visual_kept_prefill"]) <= 1.0
@@ -213,7 +216,8 @@ def test_gemma_vlm_sweep_asks_the_same_questions_of_the_real_lm(accuracy_module,
                                      "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
-    assert [(r.variant, r.budget) for r in rows] == [("full", 1.0), ("streaming", 0.5)]
+    assert [(r.variant, r.budget) for r in rows] == [("full[full_windows=True]", 1.0),
+                                                     ("streaming[full_windows=True]", 0.5)]
     assert rows[0].headline(list(rows[0].scores)) >= 0.9
     assert "gemma-vlm, 5 questions, 2 conversations" in (tmp_path / "accuracy.md").read_text()
     # whole windows: 15 of the 18 layers keep every token, the 3 global ones half of them

@@ -9,7 +9,6 @@ turn as one chunk).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import pytest
@@ -23,7 +22,7 @@ from hae_fx.models.llava import llava_prompt, tiny_llava
 from hae_fx.policies.h2o import H2OConfig
 from hae_fx.policies.streaming import StreamingConfig
 from tests.conftest import llava_inputs
-from tests.hae_oracle import run_hae_oracle
+from tests.hae_oracle import oracle_fields, run_hae_oracle
 from tests.policy_oracle import lowest, model_for, run_rule, unprotected
 
 #: follow-up turns: (new token ids, tokens to generate)
@@ -206,9 +205,7 @@ def test_hae_over_three_turns_matches_oracle():
     """DAP prunes the first prompt's image; DDES places every follow-up token (binning and freeing as at decode)."""
     config = hae_fx.HAEConfig(policy="hae", capacity=24, bin_size=4, sinks=2, window=4, dap_layer=1, r=0.04,
                               alpha=0.1)
-    # the oracle attends over float K/V: kv_dtype is not one of its parameters
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in ("policy", "kv_dtype")}
+    fields = oracle_fields(config)
 
     def oracle_run(reference, inputs):
         return run_hae_oracle(reference, inputs, new_tokens=FIRST_TURN_TOKENS, turns=TURNS, **fields)

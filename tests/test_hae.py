@@ -5,7 +5,6 @@ produce its tokens. The tiny LLaVA's prompts have 16 visual tokens among 26 (tes
 `model_for`, the thresholds below make DAP evict some visual tokens and keep others.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import hae_fx
 from hae_fx.cache import VISUAL, binned_positions, kept_positions
 from hae_fx.models.llava import tiny_llava
 from tests.conftest import llava_inputs, unpadded
-from tests.hae_oracle import run_hae_oracle
+from tests.hae_oracle import oracle_fields, run_hae_oracle
 
 OVERFLOW = hae_fx.HAEConfig(policy="hae", capacity=24, bin_size=6, sinks=2, window=4, dap_layer=1, r=0.04,
                             alpha=0.1)
@@ -49,10 +48,8 @@ def generate_recorded(model, config, inputs, new_tokens):
 
 
 def oracle_for(config, seed, inputs, new_tokens):
-    # the oracle attends over float K/V: kv_dtype is not one of its parameters (tests/test_quantization.py covers it)
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in ("policy", "kv_dtype")}
-    return run_hae_oracle(model_for(seed, attn_implementation="eager"), inputs, new_tokens=new_tokens, **fields)
+    return run_hae_oracle(model_for(seed, attn_implementation="eager"), inputs, new_tokens=new_tokens,
+                          **oracle_fields(config))
 
 
 def restored_count(run):
